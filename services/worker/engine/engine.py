@@ -1,0 +1,205 @@
+"""The engine every worker runs: requests in, one model step at a time, tokens out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.runner import ModelRunner
+from services.worker.engine.sampler import sample
+from services.worker.engine.sampling_params import SamplingParams
+from services.worker.engine.scheduler import ScheduledSeq, Scheduler
+from services.worker.engine.sequence import Sequence, SequenceStatus
+from services.worker.engine.stop import StopChecker, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take; the message says what and what is allowed."""
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one sequence; `finish_reason` is set on its last token."""
+
+    rid: str
+    index: int
+    token_id: int
+    logprob: float | None
+    finish_reason: str | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.model is None:
+            from services.worker.models.default_model import default_model_path
+
+            model_dir = str(default_model_path())
+        else:
+            model_dir = config.model
+            if not Path(model_dir).is_dir():
+                raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
+        self.model_dir = model_dir
+        self.runner = ModelRunner(config, model_dir)
+        self.model_config = self.runner.model_cfg
+        self.tokenizer = load_tokenizer(model_dir)
+        self.eos_ids = self._eos_ids()
+        capacity = self.runner.num_blocks * config.block_size
+        self.max_model_len = config.max_model_len or min(
+            self.model_config.max_position_embeddings, capacity
+        )
+        if self.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} needs more KV slots than the pool has "
+                f"({self.runner.num_blocks} blocks x {config.block_size} = {capacity})"
+            )
+        self.blocks = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
+        self.stop = StopChecker(self.tokenizer, self.eos_ids, self.max_model_len)
+        self.seqs: dict[str, list[Sequence]] = {}
+        self._arrival = itertools.count()
+        self._sample_gen = torch.Generator(device=self.runner.device).manual_seed(config.seed)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.model_config.eos_token_ids)
+        gen = Path(self.model_dir) / "generation_config.json"
+        if gen.is_file():
+            import json
+
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    # ---- requests
+    def add_request(self, rid: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if rid in self.seqs:
+            raise RequestError(f"request id {rid!r} is already in use")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("prompt is empty; give at least one token")
+        if n >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {n} tokens; max_model_len is {self.max_model_len} "
+                "(prompt plus at least one new token must fit)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this model folder has none")
+        seq = Sequence(
+            rid=rid, index=0, token_ids=list(prompt_token_ids), num_prompt_tokens=n,
+            params=params, arrival=next(self._arrival),
+        )
+        if params.seed is not None:
+            seq.generator = self._generator(params.seed, 0)
+        self.seqs[rid] = [seq]
+        self.scheduler.add(seq)
+
+    def _generator(self, seed: int, index: int) -> torch.Generator:
+        mixed = (seed + index * 0x9E3779B97F4A7C15) % (2**63)
+        return torch.Generator(device=self.runner.device).manual_seed(mixed)
+
+    def abort(self, rid: str) -> bool:
+        """Drop every sequence of a request and free its blocks; False if unknown."""
+        seqs = self.seqs.pop(rid, None)
+        for seq in seqs or []:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        return seqs is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def pop_finished(self, rid: str) -> list[Sequence]:
+        """The sequences of a request whose every sequence has finished (then forgotten)."""
+        seqs = self.seqs[rid]
+        if all(s.is_finished for s in seqs) and len(seqs) == seqs[0].params.n:
+            del self.seqs[rid]
+        return seqs
+
+    # ---- one step
+    def step(self) -> list[TokenEvent]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        self.runner.copy_blocks(self.blocks.take_copies())
+        # decode sequences first: the attention path batches them
+        scheduled.sort(key=lambda s: s.num_new_tokens != 1 or not s.completes_prompt)
+        batch = []
+        for s in scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            batch.append((seq.token_ids[start:end], start, end, seq.block_table))
+        sample_rows = [i for i, s in enumerate(scheduled) if s.completes_prompt]
+        logits = self.runner.run(batch, sample_rows)
+        for s in scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.blocks.commit(s.seq)
+        seqs, rows = self._fork_children([scheduled[i] for i in sample_rows])
+        tokens, logprobs = sample(logits[rows], seqs, self.eos_ids, self._sample_gen)
+        events = []
+        for k, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
+            seq.token_ids.append(tok)
+            lp = logprobs[k] if logprobs is not None else None
+            if lp is not None and seq.params.logprobs:
+                seq.logprobs.append(lp)
+            reason = self.stop.check(seq)
+            if reason is not None:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+                self.scheduler.remove(seq)
+            events.append(TokenEvent(seq.rid, seq.index, tok, lp, reason))
+        return events
+
+    def _fork_children(self, sampled: list[ScheduledSeq]) -> tuple[list[Sequence], list[int]]:
+        """n > 1: when a prompt completes, its children share its blocks and its logits row."""
+        seqs, rows = [], []
+        for row, s in enumerate(sampled):
+            seq = s.seq
+            seqs.append(seq)
+            rows.append(row)
+            if seq.params.n == 1 or seq.forked:
+                continue
+            seq.forked = True
+            prev = seq
+            for k in range(1, seq.params.n):
+                child = Sequence(
+                    rid=seq.rid, index=k, token_ids=list(seq.token_ids),
+                    num_prompt_tokens=seq.num_prompt_tokens, params=seq.params,
+                    arrival=seq.arrival, forked=True,
+                    num_cached_tokens=seq.num_cached_tokens,
+                )
+                if seq.params.seed is not None:
+                    child.generator = self._generator(seq.params.seed, k)
+                self.blocks.fork(seq, child)
+                self.scheduler.add_running(child, after=prev)
+                self.seqs[seq.rid].append(child)
+                seqs.append(child)
+                rows.append(row)
+                prev = child
+        return seqs, rows
+
+    # ---- counters
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_free_blocks": self.blocks.num_free_blocks,
+            "num_blocks": self.blocks.num_blocks,
+            "prefix_hit_rate": self.blocks.prefix_hit_rate,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

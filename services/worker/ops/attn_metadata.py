@@ -1,0 +1,32 @@
+"""Attention metadata: built once per step by the runner, read by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttnMetadata:
+    """Where each scheduled sequence's new tokens sit, and where their KV goes.
+
+    Tokens of the step are packed: sequence i owns rows
+    `[cu_seqlens_q[i], cu_seqlens_q[i + 1])` of the step's query tensor, at positions
+    `[context_lens[i] - q_len_i, context_lens[i])` of its own sequence.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot of each new token
+    context_lens: torch.Tensor  # [num_seqs] int32: tokens with KV after this step
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32, padded with 0
+    cu_seqlens_q: list[int]  # host copy: query row offsets, len num_seqs + 1
+    context_lens_host: list[int]
+    num_decode_seqs: int  # the first num_decode_seqs sequences have q_len == 1
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens_host)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_decode_seqs == self.num_seqs
