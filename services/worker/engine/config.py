@@ -17,7 +17,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # None: sized from memory
     gpu_memory_utilization: float = 0.90
-    cpu_kv_cache_gib: float = 1.0
+    cpu_kv_cache_gib: float = 0.25
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -122,6 +122,8 @@ class ModelRunner:
             cu_seqlens_q=cu,
             context_lens_host=ctx_lens,
             num_decode_seqs=num_decode,
+            cu_seqlens_q_dev=t(cu, torch.int32) if dev.type == "cuda" else None,
+            max_q=max(b - a for a, b in zip(cu, cu[1:], strict=False)),
         )
         hidden = self.model(t(input_ids, torch.int64), t(positions, torch.int64), meta)
         last = torch.tensor([cu[i + 1] - 1 for i in sample_rows], dtype=torch.long, device=dev)

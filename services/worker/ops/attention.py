@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.ops.attn_metadata import AttnMetadata
+from services.worker.ops.flash import flash_attention
 
 
 def store_kv(
@@ -48,9 +49,15 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the step's queries `[num_tokens, H, D]` over each sequence's cached KV.
 
+    On a GPU in bf16/fp16 this goes through FlashAttention (ops/flash.py); the torch code
+    below is the reference and the CPU path.
+
     Every query attends to all earlier positions of its own sequence (cached prefix
     included) and to itself: a chunk of a chunked prefill sees the whole prefix.
     """
+    fast = flash_attention(q, k_cache, v_cache, meta, scale)
+    if fast is not None:
+        return fast
     out = torch.empty_like(q)
     nd = meta.num_decode_seqs
     if nd:  # decode: one query per sequence, batched over a padded gather

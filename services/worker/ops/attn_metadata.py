@@ -22,6 +22,8 @@ class AttnMetadata:
     cu_seqlens_q: list[int]  # host copy: query row offsets, len num_seqs + 1
     context_lens_host: list[int]
     num_decode_seqs: int  # the first num_decode_seqs sequences have q_len == 1
+    cu_seqlens_q_dev: torch.Tensor | None = None  # int32 device copy (GPU paths)
+    max_q: int = 1
 
     @property
     def num_seqs(self) -> int:

@@ -1,0 +1,91 @@
+"""GPU attention through torch's varlen FlashAttention (`torch.nn.attention.varlen`).
+
+Two routes, chosen once per process by probing what the installed torch accepts:
+- `paged`: FlashAttention reads K/V straight from the paged pool through the block table;
+- `packed`: gather each sequence's exact context (no padding) into a packed buffer, then
+  varlen FlashAttention over it (GQA native, causal aligned to the bottom right).
+If neither runs (old torch, fp32, CPU), callers use the torch reference path.
+`NANOPD_ATTN=torch|packed|paged` forces a route (for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from services.worker.ops.attn_metadata import AttnMetadata
+
+log = logging.getLogger(__name__)
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch without varlen attention
+    varlen_attn = None
+
+_routes: list[str] | None = None
+
+
+def _candidate_routes() -> list[str]:
+    forced = os.environ.get("NANOPD_ATTN", "auto")
+    if varlen_attn is None or forced == "torch":
+        return []
+    if forced in ("paged", "packed"):
+        return [forced]
+    return ["paged", "packed"]
+
+
+def _paged(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    return varlen_attn(
+        q, k_cache, v_cache, meta.cu_seqlens_q_dev, None, meta.max_q,
+        max(meta.context_lens_host), scale=scale, window_size=(-1, 0), enable_gqa=True,
+        seqused_k=meta.context_lens, block_table=meta.block_tables,
+    )
+
+
+def _packed(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    max_k = max(meta.context_lens_host)
+    nb = -(-max_k // bs)
+    tables = meta.block_tables[:, :nb].long()
+    slots = (tables[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)
+    valid = torch.arange(nb * bs, device=q.device)[None, :] < meta.context_lens[:, None]
+    idx = slots[valid]  # row-major: sequence by sequence, positions in order
+    k = k_cache.view(-1, kvh, d)[idx]
+    v = v_cache.view(-1, kvh, d)[idx]
+    cu_k = torch.zeros(meta.num_seqs + 1, dtype=torch.int32, device=q.device)
+    cu_k[1:] = meta.context_lens.cumsum(0)
+    return varlen_attn(
+        q, k, v, meta.cu_seqlens_q_dev, cu_k, meta.max_q, max_k, scale=scale,
+        window_size=(-1, 0), enable_gqa=True,
+    )
+
+
+_IMPLS = {"paged": _paged, "packed": _packed}
+
+
+def flash_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata,
+    scale: float,
+) -> torch.Tensor | None:
+    """Output `[num_tokens, H, D]`, or None when no flash route runs here."""
+    global _routes
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if meta.cu_seqlens_q_dev is None:
+        return None
+    if _routes is None:
+        _routes = _candidate_routes()
+    while _routes:
+        try:
+            return _IMPLS[_routes[0]](q, k_cache, v_cache, meta, scale)
+        except (RuntimeError, TypeError, ValueError) as e:
+            log.warning("attention route %r unavailable (%s); trying the next", _routes[0], e)
+            _routes.pop(0)
+    return None
+
+
+def active_route() -> str:
+    """The route in use (after the first call): 'paged', 'packed' or 'torch'."""
+    return _routes[0] if _routes else "torch"
