@@ -10,6 +10,7 @@ If neither runs (old torch, fp32, CPU), callers use the torch reference path.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
@@ -21,8 +22,12 @@ log = logging.getLogger(__name__)
 
 try:
     from torch.nn.attention.varlen import varlen_attn
+
+    _PARAMS = set(inspect.signature(varlen_attn).parameters)
 except ImportError:  # torch without varlen attention
-    varlen_attn = None
+    varlen_attn, _PARAMS = None, set()
+# torch 2.11 takes fewer K/V heads than Q heads without a flag; later versions want the flag
+_GQA = {"enable_gqa": True} if "enable_gqa" in _PARAMS else {}
 
 _routes: list[str] | None = None
 
@@ -31,16 +36,17 @@ def _candidate_routes() -> list[str]:
     forced = os.environ.get("NANOPD_ATTN", "auto")
     if varlen_attn is None or forced == "torch":
         return []
-    if forced in ("paged", "packed"):
-        return [forced]
-    return ["paged", "packed"]
+    routes = ["paged", "packed"] if forced == "auto" else [forced]
+    if "block_table" not in _PARAMS:  # paged KV arrived in torch's varlen after 2.11
+        routes = [r for r in routes if r != "paged"]
+    return routes
 
 
 def _paged(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
     return varlen_attn(
         q, k_cache, v_cache, meta.cu_seqlens_q_dev, None, meta.max_q,
-        max(meta.context_lens_host), scale=scale, window_size=(-1, 0), enable_gqa=True,
-        seqused_k=meta.context_lens, block_table=meta.block_tables,
+        max(meta.context_lens_host), scale=scale, window_size=(-1, 0),
+        seqused_k=meta.context_lens, block_table=meta.block_tables, **_GQA,
     )
 
 
@@ -58,7 +64,7 @@ def _packed(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tens
     cu_k[1:] = meta.context_lens.cumsum(0)
     return varlen_attn(
         q, k, v, meta.cu_seqlens_q_dev, cu_k, meta.max_q, max_k, scale=scale,
-        window_size=(-1, 0), enable_gqa=True,
+        window_size=(-1, 0), **_GQA,
     )
 
 
