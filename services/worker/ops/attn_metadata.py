@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +25,8 @@ class AttnMetadata:
     num_decode_seqs: int  # the first num_decode_seqs sequences have q_len == 1
     cu_seqlens_q_dev: torch.Tensor | None = None  # int32 device copy (GPU paths)
     max_q: int = 1
+    # per-step values that attention routes derive once and every layer reuses
+    derived: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

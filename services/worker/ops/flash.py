@@ -50,21 +50,29 @@ def _paged(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tenso
     )
 
 
+def _packed_index(meta: AttnMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat slots of every sequence's context, in order, and their cu_seqlens (once a step)."""
+    if "packed" not in meta.derived:
+        dev = meta.context_lens.device
+        nb = -(-max(meta.context_lens_host) // block_size)
+        tables = meta.block_tables[:, :nb].long()
+        slots = (tables[:, :, None] * block_size + torch.arange(block_size, device=dev))
+        slots = slots.flatten(1)
+        valid = torch.arange(nb * block_size, device=dev)[None, :] < meta.context_lens[:, None]
+        cu_k = torch.zeros(meta.num_seqs + 1, dtype=torch.int32, device=dev)
+        cu_k[1:] = meta.context_lens.cumsum(0)
+        meta.derived["packed"] = (slots[valid], cu_k)
+    return meta.derived["packed"]
+
+
 def _packed(q, k_cache, v_cache, meta: AttnMetadata, scale: float) -> torch.Tensor:
-    bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    max_k = max(meta.context_lens_host)
-    nb = -(-max_k // bs)
-    tables = meta.block_tables[:, :nb].long()
-    slots = (tables[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)
-    valid = torch.arange(nb * bs, device=q.device)[None, :] < meta.context_lens[:, None]
-    idx = slots[valid]  # row-major: sequence by sequence, positions in order
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    idx, cu_k = _packed_index(meta, k_cache.shape[1])
     k = k_cache.view(-1, kvh, d)[idx]
     v = v_cache.view(-1, kvh, d)[idx]
-    cu_k = torch.zeros(meta.num_seqs + 1, dtype=torch.int32, device=q.device)
-    cu_k[1:] = meta.context_lens.cumsum(0)
     return varlen_attn(
-        q, k, v, meta.cu_seqlens_q_dev, cu_k, meta.max_q, max_k, scale=scale,
-        window_size=(-1, 0), **_GQA,
+        q, k, v, meta.cu_seqlens_q_dev, cu_k, meta.max_q, max(meta.context_lens_host),
+        scale=scale, window_size=(-1, 0), **_GQA,
     )
 
 
