@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from services.worker.engine import LLM, SamplingParams
+from tests.hf_reference import hf_greedy
 
 SHAPES = ["tiny-llama", "tiny-llama-linear", "tiny-qwen2", "tiny-qwen3"]
 NUM_NEW = 32
@@ -24,28 +25,6 @@ def _prompts(lengths: list[int], seed: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
-@torch.inference_mode()
-def _hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
-    out = model(torch.tensor([prompt], device="cuda"), use_cache=True)
-    tokens: list[int] = []
-    for _ in range(num_tokens):
-        tok = int(out.logits[0, -1].argmax())
-        tokens.append(tok)
-        nxt = torch.tensor([[tok]], device="cuda")
-        out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
-    return tokens
-
-
-def _hf(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except TypeError:
-        m = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype)
-    return m.to("cuda").eval()
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_greedy_matches_hf_fp32_on_gpu(root, shape):
     from services.worker.models.random_model import tiny_test_model
@@ -56,8 +35,8 @@ def test_greedy_matches_hf_fp32_on_gpu(root, shape):
     llm = LLM(str(path), device="cuda:0", dtype="float32", num_kv_blocks=256,
               max_num_batched_tokens=64)  # chunked prefill too
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True))
-    hf = _hf(path, torch.float32)
-    assert [o.token_ids for o in outs] == [_hf_greedy(hf, p, NUM_NEW) for p in ps]
+    want = [hf_greedy(path, p, NUM_NEW, torch.float32, "cuda") for p in ps]
+    assert [o.token_ids for o in outs] == want
     assert llm.engine.blocks.num_free_blocks == 256
 
 
@@ -69,6 +48,6 @@ def test_bf16_mostly_agrees_with_hf(root):
     ps = _prompts([17, 33, 64, 90] * 4, seed=1, vocab=500)
     llm = LLM(str(path), device="cuda:0", dtype="bfloat16", num_kv_blocks=256)
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    hf = _hf(path, torch.bfloat16)
-    agree = sum(o.token_ids[0] == _hf_greedy(hf, p, 1)[0] for o, p in zip(outs, ps, strict=True))
+    agree = sum(o.token_ids[0] == hf_greedy(path, p, 1, torch.bfloat16, "cuda")[0]
+                for o, p in zip(outs, ps, strict=True))
     assert agree >= 0.75 * len(ps)

@@ -144,3 +144,10 @@ def test_bad_requests_get_clear_errors(llm):
         eng.add_request("dup", [1, 2], SamplingParams())
     assert eng.abort("dup") and not eng.has_unfinished()
     assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
+
+
+def test_a_bad_prompt_fails_the_whole_call_and_leaves_nothing_queued(llm):
+    good = prompts([5], seed=11)[0]
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate([good, [10**9]], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished() and not llm.engine.seqs

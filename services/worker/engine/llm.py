@@ -74,11 +74,16 @@ class LLM:
                 f"{len(per_prompt)} sampling params for {len(prompts)} prompts; "
                 "give one, or one per prompt"
             )
-        rids = []
-        for prompt, p in zip(prompts, per_prompt, strict=True):
-            rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, self.encode(prompt), p)
-            rids.append(rid)
+        rids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, per_prompt, strict=True):
+                rid = f"offline-{next(self._ids)}"
+                self.engine.add_request(rid, self.encode(prompt), p)
+                rids.append(rid)
+        except Exception:  # one bad prompt fails the call; none of it stays queued
+            for rid in rids:
+                self.engine.abort(rid)
+            raise
         eng = self.engine
         while eng.has_unfinished():
             eng.step()
