@@ -67,6 +67,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.stop = StopChecker(self.tokenizer, self.eos_ids, self.max_model_len)
         self.seqs: dict[str, list[Sequence]] = {}
+        self.held: dict[str, Sequence] = {}  # prefilled, blocks kept for the KV hand-off
+        self.reserved: dict[str, Sequence] = {}  # blocks waiting for a peer's KV
+        self._prefilled: list[Sequence] = []
         self._arrival = itertools.count()
         self._sample_gen = torch.Generator(device=self.runner.device).manual_seed(config.seed)
 
@@ -83,8 +86,13 @@ class LLMEngine:
         return tuple(sorted(ids))
 
     # ---- requests
-    def add_request(self, rid: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if rid in self.seqs:
+    def add_request(
+        self, rid: str, prompt_token_ids: list[int], params: SamplingParams,
+        prefill_only: bool = False,
+    ) -> None:
+        """Queue a request. `prefill_only`: compute the prompt and the first token, then hold
+        the blocks for a KV hand-off (see `take_prefilled`) instead of decoding on."""
+        if rid in self.seqs or rid in self.reserved:
             raise RequestError(f"request id {rid!r} is already in use")
         n = len(prompt_token_ids)
         if n == 0:
@@ -98,16 +106,72 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if prefill_only and params.n > 1:
+            raise RequestError("n > 1 runs collocated; a prefill-only leg takes n = 1")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this model folder has none")
         seq = Sequence(
             rid=rid, index=0, token_ids=list(prompt_token_ids), num_prompt_tokens=n,
-            params=params, arrival=next(self._arrival),
+            params=params, arrival=next(self._arrival), prefill_only=prefill_only,
         )
         if params.seed is not None:
             seq.generator = self._generator(params.seed, 0)
         self.seqs[rid] = [seq]
         self.scheduler.add(seq)
+
+    # ---- KV hand-off: prefill side
+    def take_prefilled(self) -> list[Sequence]:
+        """Prefill-only sequences that got their first token since the last call; their
+        blocks stay held until `release`."""
+        out, self._prefilled = self._prefilled, []
+        return out
+
+    def release(self, rid: str) -> bool:
+        """Free a held prefill-only sequence's blocks (the peer has its KV, or gave up)."""
+        seq = self.held.pop(rid, None)
+        if seq is not None:
+            self.blocks.free(seq)
+            self.seqs.pop(rid, None)
+        return seq is not None
+
+    # ---- KV hand-off: decode side
+    def reserve(self, rid: str, num_tokens: int) -> list[int] | None:
+        """Blocks for `num_tokens` positions of KV that a prefill worker will write; None
+        if the pool is short now."""
+        if rid in self.seqs or rid in self.reserved:
+            raise RequestError(f"request id {rid!r} is already in use")
+        if not 0 < num_tokens < self.max_model_len:
+            raise RequestError(f"cannot reserve {num_tokens} tokens; max_model_len is "
+                               f"{self.max_model_len}")
+        seq = Sequence(rid=rid, index=0, token_ids=[], num_prompt_tokens=num_tokens,
+                       params=SamplingParams(), arrival=next(self._arrival))
+        if not self.blocks.reserve(seq, num_tokens):
+            return None
+        self.reserved[rid] = seq
+        return list(seq.block_table)
+
+    def add_prefilled(self, rid: str, token_ids: list[int], num_prompt_tokens: int,
+                      params: SamplingParams) -> None:
+        """Join the running batch with the prompt's KV already in the reserved blocks and
+        the first token (sampled by the prefill worker) as the last of `token_ids`."""
+        seq = self.reserved.pop(rid, None)
+        if seq is None:
+            raise RequestError(f"no reservation for request {rid!r} (expired or aborted)")
+        if len(token_ids) != num_prompt_tokens + 1 or num_prompt_tokens != seq.num_prompt_tokens:
+            self.blocks.free(seq)
+            raise RequestError(f"{rid}: reserved {seq.num_prompt_tokens} prompt tokens, "
+                               f"got {num_prompt_tokens} and {len(token_ids)} token ids")
+        seq.token_ids, seq.params = list(token_ids), params
+        seq.num_computed_tokens = num_prompt_tokens
+        if params.seed is not None:  # the prefill worker drew the first token's noise
+            seq.generator = self._generator(params.seed, 0)
+            if not params.greedy:
+                vocab = self.model_config.vocab_size
+                torch.empty(vocab, device=self.runner.device).exponential_(
+                    generator=seq.generator)
+        self.blocks.commit(seq)
+        self.seqs[rid] = [seq]
+        self.scheduler.add_running(seq, after=None)
 
     def _generator(self, seed: int, index: int) -> torch.Generator:
         mixed = (seed + index * 0x9E3779B97F4A7C15) % (2**63)
@@ -120,7 +184,12 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
-        return seqs is not None
+        held = self.release(rid)
+        reserved = self.reserved.pop(rid, None)
+        if reserved is not None:
+            self.blocks.free(reserved)
+        self._prefilled = [s for s in self._prefilled if s.rid != rid]
+        return seqs is not None or held or reserved is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -162,6 +231,11 @@ class LLMEngine:
             if reason is not None:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
                 self.scheduler.remove(seq)
+            elif seq.prefill_only:  # hand-off: keep the blocks, stop computing
+                seq.status = SequenceStatus.FINISHED
+                self.scheduler.running.remove(seq)
+                self.held[seq.rid] = seq
+                self._prefilled.append(seq)
             events.append(TokenEvent(seq.rid, seq.index, tok, lp, reason))
         return events
 
@@ -202,4 +276,6 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_held": len(self.held),
+            "num_reserved": len(self.reserved),
         }

@@ -40,10 +40,12 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence, after: Sequence) -> None:
-        """A forked child joins right after its parent (it holds blocks already)."""
+    def add_running(self, seq: Sequence, after: Sequence | None) -> None:
+        """A sequence that holds its blocks already joins the batch: a forked child right
+        after its parent, a sequence whose KV arrived from a peer (`after=None`) last."""
         seq.status = SequenceStatus.RUNNING
-        self.running.insert(self.running.index(after) + 1, seq)
+        pos = self.running.index(after) + 1 if after is not None else len(self.running)
+        self.running.insert(pos, seq)
 
     @property
     def has_work(self) -> bool:

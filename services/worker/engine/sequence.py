@@ -40,6 +40,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_text_len: int | None = None  # set when a stop string ends the text
     forked: bool = False  # n > 1: the children have been spawned
+    prefill_only: bool = False  # disaggregated prefill leg: stop after the first token
 
     @property
     def num_tokens(self) -> int:
