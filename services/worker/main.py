@@ -1,0 +1,179 @@
+"""The worker service: one engine on one device; its role is configuration, not code.
+
+Loop: drain the inbox -> one engine step if there is work -> push tokens / ship KV ->
+expire leases -> heartbeat. It blocks on the inbox only when nothing is runnable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import torch
+import zmq
+
+from common.config import MeshConfig
+from common.health import clear_status, write_status
+from common.protocol import (
+    AbortRequest,
+    Heartbeat,
+    KvAck,
+    KvReady,
+    Message,
+    RequestDone,
+    Reserve,
+    Run,
+    Tokens,
+)
+from common.sockets import Inbox, Outboxes
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.engine import LLMEngine, RequestError, TokenEvent
+from services.worker.engine.sampling_params import SamplingParams, SamplingParamsError
+from services.worker.handoff import Handoff, Leg
+
+log = logging.getLogger("nanopd.worker")
+
+
+class Worker:
+    def __init__(self, cfg: MeshConfig, name: str):
+        self.cfg, self.name = cfg, name
+        self.wcfg = cfg.worker(name)
+        threads = int(os.environ.get("NANOPD_THREADS", "0") or 0) or self.wcfg.threads
+        if threads:
+            torch.set_num_threads(threads)
+        engine_cfg = EngineConfig(model=cfg.model or None, device=self.wcfg.device,
+                                  **self.wcfg.engine)
+        self.engine = LLMEngine(engine_cfg)
+        self.ctx = zmq.Context()
+        self.address = cfg.worker_inbox(name)
+        self.inbox = Inbox(self.ctx, self.address)
+        self.out = Outboxes(self.ctx)
+        self.handoff = Handoff(self, cfg.kv_lease_s)
+        self.legs: dict[str, Leg] = {}
+        self.stopping = False
+        self.next_heartbeat = 0.0
+
+    # ---- outgoing
+    def to_router(self, msg: Message) -> None:
+        self.out.send(self.cfg.router_inbox, msg)
+
+    def to_gateway(self, msg: Message) -> None:
+        self.out.send(self.cfg.gateway_inbox, msg)
+
+    def fail(self, rid: str, error: str) -> None:
+        """A leg failed: tell the router (it tells the gateway and the other leg)."""
+        log.warning("request %s failed: %s", rid, error)
+        self.engine.abort(rid)
+        self.handoff.forget(rid)
+        self.legs.pop(rid, None)
+        self.to_router(RequestDone(rid=rid, worker=self.name, error=error))
+
+    # ---- incoming
+    def handle(self, msg: Message) -> None:
+        try:
+            if isinstance(msg, Run):
+                self.on_run(msg)
+            elif isinstance(msg, Reserve):
+                self.handoff.on_reserve(msg)
+            elif isinstance(msg, KvReady):
+                self.handoff.on_kv_ready(msg)
+            elif isinstance(msg, KvAck):
+                self.handoff.on_ack(msg)
+            elif isinstance(msg, AbortRequest):
+                self.engine.abort(msg.rid)
+                self.handoff.forget(msg.rid)
+                self.legs.pop(msg.rid, None)
+            else:
+                log.warning("unexpected %s on a worker inbox; dropped", type(msg).__name__)
+        except (RequestError, SamplingParamsError, ValueError) as e:
+            self.fail(getattr(msg, "rid", ""), str(e))
+
+    def on_run(self, msg: Run) -> None:
+        params = SamplingParams.from_dict(msg.sampling)
+        if msg.rid in self.legs:
+            raise RequestError(f"request id {msg.rid!r} is already running here")
+        kind = "prefill" if msg.dest else "collocated"
+        self.engine.add_request(msg.rid, msg.token_ids, params, prefill_only=bool(msg.dest))
+        self.legs[msg.rid] = Leg(msg.rid, kind, run=msg)
+
+    # ---- tokens out
+    def emit(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            leg = self.legs.get(ev.rid)
+            if leg is None:
+                continue
+            if leg.kind == "prefill" and ev.finish_reason is None:
+                continue  # the decode worker streams the first token with the rest
+            self.to_gateway(Tokens(
+                rid=ev.rid, index=ev.index, token_ids=[ev.token_id],
+                finish_reason=ev.finish_reason,
+                logprobs=[ev.logprob] if ev.logprob is not None else None, worker=self.name,
+            ))
+            leg.num_output_tokens += 1
+            if ev.finish_reason is not None:
+                leg.num_finished += 1
+                n = leg.run.sampling.get("n", 1) if leg.run else 1
+                if leg.num_finished >= n:
+                    self.finish(leg, ev.finish_reason)
+
+    def finish(self, leg: Leg, reason: str) -> None:
+        self.legs.pop(leg.rid, None)
+        self.engine.seqs.pop(leg.rid, None)
+        self.handoff.forget(leg.rid)
+        self.to_router(RequestDone(rid=leg.rid, worker=self.name, finish_reason=reason,
+                                   num_output_tokens=leg.num_output_tokens))
+
+    # ---- loop
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self.next_heartbeat:
+            return
+        self.next_heartbeat = now + self.cfg.heartbeat_s
+        st = self.engine.stats()
+        self.to_router(Heartbeat(
+            worker=self.name, role=self.wcfg.role, device=self.wcfg.device,
+            address=self.address, pid=os.getpid(), num_running=st["num_running"],
+            num_waiting=st["num_waiting"], num_free_blocks=st["num_free_blocks"],
+            num_blocks=st["num_blocks"], block_size=self.engine.config.block_size,
+            transports=self.handoff.transport_names(),
+        ))
+        write_status(self.cfg.run_path, self.name, role=self.wcfg.role,
+                     device=self.wcfg.device, **{k: st[k] for k in ("num_running", "num_waiting",
+                                                                     "num_free_blocks")})
+
+    def run(self) -> None:
+        self.heartbeat()
+        log.info("worker %s (%s on %s) ready at %s", self.name, self.wcfg.role,
+                 self.wcfg.device, self.address)
+        while not self.stopping:
+            busy = self.engine.has_unfinished() or self.handoff.busy
+            timeout_ms = 0 if busy else int(self.cfg.heartbeat_s * 1000)
+            first = self.inbox.recv(timeout_ms)
+            for msg in ([first] if first else []) + self.inbox.drain():
+                self.handle(msg)
+            if self.engine.has_unfinished():
+                self.emit(self.engine.step())
+            self.handoff.ship(self.engine.take_prefilled())
+            self.handoff.expire()
+            self.heartbeat()
+        self.close()
+
+    def close(self) -> None:
+        clear_status(self.cfg.run_path, self.name)
+        self.handoff.close()
+        self.out.close()
+        self.inbox.close()
+        self.ctx.term()
+
+
+def run_worker(cfg: MeshConfig, name: str) -> None:
+    worker = Worker(cfg, name)
+
+    def stop(signum: int, frame: object) -> None:
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run()
