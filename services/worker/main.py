@@ -32,6 +32,7 @@ from services.worker.engine.config import EngineConfig
 from services.worker.engine.engine import LLMEngine, RequestError, TokenEvent
 from services.worker.engine.sampling_params import SamplingParams, SamplingParamsError
 from services.worker.handoff import Handoff, Leg
+from services.worker.null_engine import NullEngine
 
 log = logging.getLogger("nanopd.worker")
 
@@ -43,9 +44,11 @@ class Worker:
         threads = int(os.environ.get("NANOPD_THREADS", "0") or 0) or self.wcfg.threads
         if threads:
             torch.set_num_threads(threads)
-        engine_cfg = EngineConfig(model=cfg.model or None, device=self.wcfg.device,
-                                  **self.wcfg.engine)
-        self.engine = LLMEngine(engine_cfg)
+        if cfg.model == "null":  # control-plane measurements: no model, fixed tokens
+            self.engine = NullEngine()
+        else:
+            self.engine = LLMEngine(EngineConfig(model=cfg.model or None,
+                                                 device=self.wcfg.device, **self.wcfg.engine))
         self.ctx = zmq.Context()
         self.address = cfg.worker_inbox(name)
         self.inbox = Inbox(self.ctx, self.address)
