@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common.transport import make_transport
-
 from common.protocol import KvAck, KvReady, Reserve, Reserved, Run, Tokens
+from common.transport import make_transport, transports_for
 from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.sequence import Sequence
 
@@ -49,8 +48,8 @@ class Handoff:
         self.w = worker
         self.lease_s = lease_s
         pool = worker.engine.runner.kv_pool
-        names = ["shm_ring"] + (["cuda_ipc"] if pool.is_cuda else [])
-        self.transports = {n: make_transport(n, pool, owner=worker.name) for n in names}
+        self.transports = {n: make_transport(n, pool, worker=worker.name)
+                           for n in transports_for(pool.device)}
         self.reserved: dict[str, tuple[float, list[int]]] = {}  # rid -> (deadline, blocks)
         self.held: dict[str, Held] = {}
 

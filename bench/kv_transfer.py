@@ -1,0 +1,264 @@
+"""KV transfer bandwidth: the cuda_ipc and shm_ring transports against their hardware limits.
+
+(a) p2p: one plain `copy_` of --ref-nbytes from cuda:0 to cuda:1, in one process
+(b) cuda_ipc: a decode process on cuda:1 pulls N scattered blocks out of the pool of a
+    prefill process on cuda:0 (`recv` wall time, synchronized), as GB/s and as a fraction of (a)
+(c) pinned: one --ref-nbytes copy pinned host -> cuda:0 and one cuda:0 -> pinned host
+(d) shm_ring: the prefill process gathers N blocks into the ring (`send`), the decode process
+    scatters them into its pool (`recv`); GB/s of each against (c), and end to end
+
+The pool is shaped like Qwen2.5-1.5B's (28 layers, 2 KV heads, head_dim 128, bf16, blocks of
+16 tokens); N comes from --tokens. GB = 1e9 bytes; each figure is the median of --reps runs
+after --warmup; every transport row is checked bitwise (a digest of the blocks on each side).
+
+    python bench/kv_transfer.py --out kv_transfer.json     # 2 GPUs: everything
+    python bench/kv_transfer.py --device cpu               # shm_ring between CPU pools only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import multiprocessing as mp
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a plain copy of the repo, no install
+    sys.path.insert(0, str(ROOT))
+
+from common.transport import make_transport  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda: prefill on cuda:0, decode on cuda:1 (cuda:0 if only one GPU); "
+                        "cpu: shm_ring between two CPU pools")
+    p.add_argument("--tokens", default="2048,8192", help="prompt lengths to move, comma-separated")
+    p.add_argument("--num-layers", type=int, default=28, help="layers of the pool")
+    p.add_argument("--num-kv-heads", type=int, default=2, help="KV heads of the pool")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim of the pool")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="pool dtype")
+    p.add_argument("--num-blocks", type=int,
+                   help="blocks in each pool (default 4096 on GPU, 1024 on CPU)")
+    p.add_argument("--ref-nbytes", type=int, default=512 * 2**20,
+                   help="bytes of the reference copies (a) and (c)")
+    p.add_argument("--ipc-staged-mib", type=int, default=256,
+                   help="cuda_ipc: most MiB gathered per copy (more blocks: several copies)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    p.add_argument("--reps", type=int, default=10, help="timed runs; the median is reported")
+    p.add_argument("--out", help="also write the results here as JSON")
+    args = p.parse_args(argv)
+    args.block_counts = [-(-int(t) // args.block_size) for t in args.tokens.split(",")]
+    args.num_blocks = args.num_blocks or (4096 if args.device == "cuda" else 1024)
+    if max(args.block_counts) > args.num_blocks:
+        p.error(f"--tokens needs {max(args.block_counts)} blocks; the pool has {args.num_blocks}")
+    return args
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def median_s(run: Callable[[], float], warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        run()
+    return statistics.median(run() for _ in range(reps))
+
+
+def cuda_copy_s(dst: torch.Tensor, src: torch.Tensor, device: int) -> float:
+    """One copy_, timed by events on the stream that runs it (the source device's)."""
+    with torch.cuda.device(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def bench_p2p(args: argparse.Namespace) -> dict:
+    src = torch.empty(args.ref_nbytes, dtype=torch.uint8, device="cuda:0").random_()
+    dst = torch.empty_like(src, device="cuda:1")
+    s = median_s(lambda: cuda_copy_s(dst, src, 0), args.warmup, args.reps)
+    assert torch.equal(dst.cpu(), src.cpu())
+    return {"nbytes": args.ref_nbytes, "median_s": s, "GBps": gbps(args.ref_nbytes, s)}
+
+
+def bench_pinned(args: argparse.Namespace) -> dict:
+    host = torch.empty(args.ref_nbytes, dtype=torch.uint8, pin_memory=True).random_()
+    dev = torch.empty(args.ref_nbytes, dtype=torch.uint8, device="cuda:0")
+    h2d = median_s(lambda: cuda_copy_s(dev, host, 0), args.warmup, args.reps)
+    d2h = median_s(lambda: cuda_copy_s(host, dev, 0), args.warmup, args.reps)
+    return {"nbytes": args.ref_nbytes, "h2d_median_s": h2d, "h2d_GBps": gbps(args.ref_nbytes, h2d),
+            "d2h_median_s": d2h, "d2h_GBps": gbps(args.ref_nbytes, d2h)}
+
+
+# one prefill and one decode process per transport
+def make_pool(args: argparse.Namespace, device: str, fill: bool) -> torch.Tensor:
+    shape = (args.num_layers, 2, args.num_blocks, args.block_size, args.num_kv_heads,
+             args.head_dim)
+    pool = torch.empty(shape, dtype=getattr(torch, args.dtype), device=device)
+    if fill:
+        pool.view(torch.uint8).random_()
+    else:
+        pool.zero_()  # touch every page now, not inside a timed recv
+    return pool
+
+
+def digest(pool: torch.Tensor, block_ids: list[int]) -> str:
+    data = pool[:, :, block_ids].contiguous().view(torch.uint8).cpu().numpy()
+    return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+
+
+def transport_kw(args: argparse.Namespace, name: str) -> dict:
+    if name == "shm_ring":
+        return {"num_slots": max(args.block_counts)}
+    return {"max_staged_nbytes": args.ipc_staged_mib * 2**20}
+
+
+def _prefill_main(args: argparse.Namespace, name: str, device: str, conn: Connection) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    pool = make_pool(args, device, fill=True)
+    t = make_transport(name, pool, worker="bench-prefill", **transport_kw(args, name))
+    conn.send(t.export())
+    while True:
+        cmd, *rest = conn.recv()
+        if cmd == "send":
+            start = time.perf_counter()
+            handle = t.send(*rest)
+            if handle is None:
+                raise RuntimeError("the shm ring is full; the bench releases every handle")
+            conn.send((handle, time.perf_counter() - start))
+        elif cmd == "release":
+            t.release(rest[0])
+        elif cmd == "digest":
+            conn.send(digest(pool, rest[0]))
+        else:
+            t.close()
+            conn.send("stopped")
+            return
+
+
+def _decode_main(args: argparse.Namespace, name: str, device: str, conn: Connection,
+                 results: mp.Queue) -> None:
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        pool = make_pool(args, device, fill=False)
+        t = make_transport(name, pool, worker="bench-decode", **transport_kw(args, name))
+        export, rng, rows = conn.recv(), random.Random(0), []
+        for n in args.block_counts:
+            send_s, recv_s = [], []
+            for rep in range(args.warmup + args.reps):
+                src = rng.sample(range(args.num_blocks), n)
+                dst = rng.sample(range(args.num_blocks), n)
+                conn.send(("send", f"r{n}_{rep}", src))
+                handle, sent_s = conn.recv()
+                start = time.perf_counter()
+                t.recv(export, handle, dst)
+                if rep >= args.warmup:
+                    send_s.append(sent_s)
+                    recv_s.append(time.perf_counter() - start)
+                conn.send(("release", handle))
+            conn.send(("digest", src))
+            nbytes = n * t.block_nbytes
+            send_med, recv_med = statistics.median(send_s), statistics.median(recv_s)
+            rows.append({
+                "num_tokens": n * args.block_size, "num_blocks": n, "nbytes": nbytes,
+                "send_median_s": send_med, "recv_median_s": recv_med,
+                "send_GBps": gbps(nbytes, send_med), "recv_GBps": gbps(nbytes, recv_med),
+                "end_to_end_GBps": gbps(nbytes, send_med + recv_med),
+                "bitwise_equal": conn.recv() == digest(pool, dst),
+            })
+        t.close()
+        conn.send(("stop",))
+        conn.recv()
+        results.put(rows)
+    except BaseException as e:
+        results.put(f"{type(e).__name__}: {e}")
+        raise
+
+
+def bench_transport(args: argparse.Namespace, name: str, src_device: str,
+                    dst_device: str) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    prefill_conn, decode_conn = ctx.Pipe()
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_prefill_main, args=(args, name, src_device, prefill_conn)),
+             ctx.Process(target=_decode_main,
+                         args=(args, name, dst_device, decode_conn, results))]
+    for p in procs:
+        p.start()
+    prefill_conn.close()  # the children hold their ends: a dead peer means EOF, not a hang
+    decode_conn.close()
+    try:
+        rows = results.get(timeout=600)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    if isinstance(rows, str):
+        raise RuntimeError(f"{name} bench failed in the decode process: {rows}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    num_gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    src_device = "cuda:0" if num_gpus else "cpu"
+    dst_device = "cuda:1" if num_gpus > 1 else src_device
+    block_nbytes = (2 * args.num_layers * args.block_size * args.num_kv_heads * args.head_dim
+                    * torch.empty(0, dtype=getattr(torch, args.dtype)).element_size())
+    out: dict = {
+        "date": datetime.date.today().isoformat(), "host": platform.node(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "src_device": src_device, "dst_device": dst_device,
+        "device_names": [torch.cuda.get_device_name(i) for i in range(num_gpus)],
+        "config": {k: v for k, v in vars(args).items() if k != "out"} | {
+            "block_nbytes": block_nbytes},
+        "notes": "GB = 1e9 bytes; p2p and pinned timed by CUDA events around one copy_; "
+                 "transports by wall clock around send/recv (each synchronizes)",
+    }
+    if num_gpus > 1:
+        out["p2p"] = bench_p2p(args)
+    if num_gpus:
+        out["pinned"] = bench_pinned(args)
+        torch.cuda.empty_cache()
+        out["cuda_ipc"] = bench_transport(args, "cuda_ipc", src_device, dst_device)
+        for row in out["cuda_ipc"]:
+            if "p2p" in out:
+                row["fraction_of_p2p"] = row["recv_GBps"] / out["p2p"]["GBps"]
+    out["shm_ring"] = bench_transport(args, "shm_ring", src_device, dst_device)
+    if "pinned" in out:
+        pinned = out["pinned"]
+        serial = 1 / (1 / pinned["d2h_GBps"] + 1 / pinned["h2d_GBps"])
+        for row in out["shm_ring"]:
+            row["send_fraction_of_d2h"] = row["send_GBps"] / pinned["d2h_GBps"]
+            row["recv_fraction_of_h2d"] = row["recv_GBps"] / pinned["h2d_GBps"]
+            row["end_to_end_fraction_of_d2h_then_h2d"] = row["end_to_end_GBps"] / serial
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The KV transport interface: move whole KV blocks from a prefill pool to a decode pool.
+
+One transport object per worker process, built on the worker's KV pool
+`[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`. A block moves whole:
+all layers, K and V. Control travels separately (KvReady / KvAck); what a transport puts
+in `export()` and in a handle is plain msgpack data (str, int, float, bytes, list, dict).
+
+    # prefill worker P                          # decode worker D
+    export = t.export()        --Heartbeat-->   (kept per peer)
+    handle = t.send(rid, src)  --KvReady--->    t.recv(export, handle, dst)
+    t.release(handle)          <--KvAck-----
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+
+class TransportError(ValueError):
+    """An export, handle or block list that does not fit this transport or pool."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise TransportError(f"unknown dtype {name!r} in a KV transport handle")
+    return dtype
+
+
+class KvTransport(ABC):
+    """Moves KV blocks between the pools of two workers; see the module docstring."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, kv_pool: torch.Tensor, worker: str = "worker") -> None:
+        if kv_pool.dim() != 6 or kv_pool.shape[1] != 2:
+            raise TransportError(
+                f"KV pool has shape {list(kv_pool.shape)}; expected [num_layers, 2, "
+                "num_blocks, block_size, num_kv_heads, head_dim]"
+            )
+        self.kv_pool = kv_pool
+        self.worker = worker
+        self.device = kv_pool.device
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_pool.shape[2]
+
+    @property
+    def block_shape(self) -> list[int]:
+        """Shape of one block, all layers, K and V: [num_layers, 2, block_size, heads, dim]."""
+        num_layers, two, _, block_size, num_kv_heads, head_dim = self.kv_pool.shape
+        return [num_layers, two, block_size, num_kv_heads, head_dim]
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.kv_pool[:, :, 0].numel() * self.kv_pool.element_size()
+
+    # prefill side
+    @abstractmethod
+    def export(self) -> dict:
+        """What a peer needs to attach to this worker, once at start-up (may be {})."""
+
+    @abstractmethod
+    def send(self, rid: str, src_block_ids: list[int]) -> dict | None:
+        """Expose or copy the blocks; the handle for KvReady, or None if no room now."""
+
+    @abstractmethod
+    def release(self, handle: dict) -> None:
+        """The peer took the KV (KvAck) or the lease expired: free the handle's resources."""
+
+    # decode side
+    @abstractmethod
+    def recv(self, peer_export: dict, handle: dict, dst_block_ids: list[int]) -> None:
+        """Copy the handle's blocks into ours; on return the data is in place."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free what this transport holds; safe to call twice."""
+
+    def __enter__(self) -> KvTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # checks shared by the transports
+    def check_block_ids(self, block_ids: list[int], what: str, num_blocks: int | None = None,
+                        unique: bool = False) -> None:
+        limit = self.num_blocks if num_blocks is None else num_blocks
+        for b in block_ids:
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < limit:
+                raise TransportError(f"{what} has block id {b!r}; the pool has {limit} blocks")
+        if unique and len(set(block_ids)) != len(block_ids):
+            raise TransportError(f"{what} names a block twice: {block_ids}")
+
+    def check_handle(self, handle: Any, fields: tuple[str, ...], what: str = "handle") -> None:
+        if not isinstance(handle, dict):
+            kind = type(handle).__name__
+            raise TransportError(f"a {self.name} {what} must be a dict, got {kind}")
+        if handle.get("transport") != self.name:
+            raise TransportError(
+                f"{what} is for transport {handle.get('transport')!r}; this is {self.name!r}"
+            )
+        missing = [f for f in fields if f not in handle]
+        if missing:
+            raise TransportError(f"{self.name} {what} lacks {missing}")
+
+    def check_layout(self, block_shape: list[int], dtype: str, where: str) -> None:
+        """The peer's blocks must have our shape and dtype (same model, same block size)."""
+        if list(block_shape) != self.block_shape or dtype != dtype_name(self.kv_pool.dtype):
+            raise TransportError(
+                f"{where} holds KV blocks of shape {list(block_shape)} and dtype {dtype}; this "
+                f"pool's blocks are {self.block_shape} {dtype_name(self.kv_pool.dtype)} "
+                "(prefill and decode must run the same model, dtype and block size)"
+            )

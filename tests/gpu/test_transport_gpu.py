@@ -1,0 +1,148 @@
+"""KV transports on GPUs: cuda_ipc across two processes and GPUs, shm_ring via pinned memory."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+
+import pytest
+import torch
+
+from common.transport import make_transport
+
+try:
+    import msgpack
+except ImportError:  # the GPU machine may not have it: check the types instead
+    msgpack = None
+
+SHAPE = (4, 2, 64, 16, 2, 64)  # layers, k|v, blocks, block_size, kv heads, head_dim
+NUM_BLOCKS = SHAPE[2]
+BLOCK_NBYTES = 4 * 2 * 16 * 2 * 64 * 2  # bf16
+TIMEOUT_S = 120
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+def reference_pool(seed: int = 1234) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(SHAPE, generator=g).to(torch.bfloat16)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.cpu().contiguous(), b.cpu().contiguous()
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def wire(obj: object) -> object:
+    """`obj` as a control message carries it: plain data only (a msgpack round trip)."""
+    if msgpack is not None:
+        return msgpack.unpackb(msgpack.packb(obj))
+    if isinstance(obj, dict):
+        return {wire(k): wire(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [wire(v) for v in obj]
+    assert isinstance(obj, (str, int, float, bytes)), f"{type(obj).__name__} in a handle"
+    return obj
+
+
+def random_cases(seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(seed)
+    return [(rng.sample(range(NUM_BLOCKS), n), rng.sample(range(NUM_BLOCKS), n))
+            for n in (1, 7, 33, NUM_BLOCKS)]
+
+
+def _prefill_main(name: str, kw: dict, to_decode: mp.Queue, from_decode: mp.Queue,
+                  cases: list[tuple[list[int], list[int]]]) -> None:
+    torch.cuda.set_device(0)
+    t = make_transport(name, reference_pool().to("cuda:0"), worker="prefill", **kw)
+    to_decode.put(wire(t.export()))  # plain data only
+    for i, (src, _) in enumerate(cases):
+        handle = t.send(f"r{i}", src)
+        to_decode.put(wire(handle))
+        from_decode.get(timeout=TIMEOUT_S)  # KvAck
+        t.release(handle)
+    from_decode.get(timeout=TIMEOUT_S)  # the decode side closed: the pool may go
+    t.close()
+
+
+def _decode_main(name: str, device: str, kw: dict, from_prefill: mp.Queue,
+                 to_prefill: mp.Queue, results: mp.Queue,
+                 cases: list[tuple[list[int], list[int]]]) -> None:
+    try:
+        torch.cuda.set_device(torch.device(device))
+        pool = torch.zeros(SHAPE, dtype=torch.bfloat16, device=device)
+        t = make_transport(name, pool, worker="decode", **kw)
+        export = from_prefill.get(timeout=TIMEOUT_S)
+        ref, ok = reference_pool(), []
+        for src, dst in cases:
+            t.recv(export, from_prefill.get(timeout=TIMEOUT_S), dst)
+            ok.append(same_bits(pool[:, :, dst], ref[:, :, src]))
+            to_prefill.put("ack")
+        t.close()
+        to_prefill.put("closed")
+        results.put(ok)
+    except Exception as e:
+        results.put(repr(e))
+
+
+def run_pair(name: str, decode_device: str, kw: dict | None = None) -> None:
+    """Prefill on cuda:0 and decode on `decode_device`, each in a process of its own."""
+    ctx = mp.get_context("spawn")
+    cases = random_cases()
+    to_decode, to_prefill, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_prefill_main, args=(name, kw or {}, to_decode, to_prefill, cases)),
+        ctx.Process(target=_decode_main,
+                    args=(name, decode_device, kw or {}, to_decode, to_prefill, results, cases)),
+    ]
+    for p in procs:
+        p.start()
+    try:
+        res = results.get(timeout=3 * TIMEOUT_S)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert res == [True] * len(cases), res
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+@two_gpus
+@pytest.mark.parametrize("kw", [{}, {"max_staged_nbytes": 5 * BLOCK_NBYTES}])
+def test_cuda_ipc_two_processes_two_gpus(kw):
+    run_pair("cuda_ipc", "cuda:1", kw)
+
+
+def test_shm_ring_two_processes_gpu_to_gpu():
+    run_pair("shm_ring", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0",
+             {"num_slots": NUM_BLOCKS})
+
+
+def test_cuda_ipc_in_one_process():
+    ref = reference_pool()
+    dst_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    src_pool, dst_pool = ref.to("cuda:0"), torch.zeros(SHAPE, dtype=ref.dtype, device=dst_device)
+    p = make_transport("cuda_ipc", src_pool, worker="prefill")
+    d = make_transport("cuda_ipc", dst_pool, worker="decode", max_staged_nbytes=BLOCK_NBYTES)
+    for i, (src, dst) in enumerate(random_cases(1)):
+        d.recv(wire(p.export()), wire(p.send(f"r{i}", src)), dst)
+        assert same_bits(dst_pool[:, :, dst], ref[:, :, src])
+    d.close()
+    p.close()
+
+
+@pytest.mark.parametrize("src_device,dst_device", [("cuda:0", "cpu"), ("cpu", "cuda:0")])
+def test_shm_ring_between_gpu_and_cpu(src_device, dst_device):
+    ref = reference_pool()
+    src_pool, dst_pool = ref.to(src_device), torch.zeros(SHAPE, dtype=ref.dtype, device=dst_device)
+    with make_transport("shm_ring", src_pool, worker="p", num_slots=NUM_BLOCKS + 1) as p, \
+            make_transport("shm_ring", dst_pool, worker="d") as d:
+        hold = p.send("hold", [0, 1, 2, 3, 4])
+        gap = p.send("gap", [5])
+        p.release(hold)  # free: [0..4] and [6..64]; a send of 64 blocks straddles slot 5
+        for i, (src, dst) in enumerate(random_cases(2)):
+            handle = p.send(f"r{i}", src)
+            d.recv(p.export(), handle, dst)
+            assert same_bits(dst_pool[:, :, dst], ref[:, :, src])
+            p.release(handle)
+        p.release(gap)
