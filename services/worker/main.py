@@ -143,8 +143,9 @@ class Worker:
             transports=self.handoff.transport_names(),
         ))
         write_status(self.cfg.run_path, self.name, role=self.wcfg.role,
-                     device=self.wcfg.device, **{k: st[k] for k in ("num_running", "num_waiting",
-                                                                     "num_free_blocks")})
+                     device=self.wcfg.device, **{k: st[k] for k in (
+                         "num_running", "num_waiting", "num_free_blocks", "num_blocks",
+                         "peak_batch_seqs")})
 
     def run(self) -> None:
         self.heartbeat()

@@ -77,4 +77,4 @@ class NullEngine:
     def stats(self) -> dict[str, float]:
         return {"num_free_blocks": self.num_blocks, "num_blocks": self.num_blocks,
                 "num_running": len(self.running), "num_waiting": 0, "prefix_hit_rate": 0.0,
-                "num_preemptions": 0}
+                "num_preemptions": 0, "peak_batch_seqs": 0}

@@ -276,6 +276,7 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "peak_batch_seqs": self.scheduler.peak_num_scheduled,
             "num_held": len(self.held),
             "num_reserved": len(self.reserved),
         }

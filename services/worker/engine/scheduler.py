@@ -36,6 +36,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self.num_preemptions = 0
+        self.peak_num_scheduled = 0  # most sequences in one step so far
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -110,4 +111,5 @@ class Scheduler:
             out.append(ScheduledSeq(seq, n))
             budget -= n
             slots -= 1
+        self.peak_num_scheduled = max(self.peak_num_scheduled, len(out))
         return out
