@@ -1,0 +1,274 @@
+"""The gateway: the only process clients talk to.
+
+One asyncio loop serves both frontends. It waits on two ZMQ sockets at once (the native
+clients' ROUTER and the gateway's inbox, where workers push Tokens and the router pushes
+Error/RequestDone), drains what is there, expires deadlines, refreshes the status file and
+waits again; it never spins. The aiohttp server (services/gateway/http.py) runs its
+handlers as tasks on the same loop and calls `Gateway.submit` / `Gateway.cancel` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common.config import MeshConfig
+from common.health import clear_status, write_status
+from common.protocol import (
+    AbortRequest,
+    Accepted,
+    Error,
+    ProtocolError,
+    RequestDone,
+    RouteRequest,
+    Submit,
+    Tokens,
+    decode,
+)
+from common.sockets import Inbox, Outbox
+from services.gateway.intake import GatewayError, prepare
+from services.gateway.requests import Request, Sink
+from services.gateway.zmq_frontend import ZmqFrontend, recv_nowait
+
+log = logging.getLogger(__name__)
+
+MAX_DRAIN = 1000  # messages per socket per wake, so HTTP handlers are never starved
+
+
+def model_dir_of(cfg: MeshConfig) -> Path:
+    if cfg.model:
+        return Path(cfg.model).expanduser()
+    from services.worker.models.default_model import default_model_path
+
+    return default_model_path()
+
+
+def model_name_of(cfg: MeshConfig, model_dir: Path) -> str:
+    if cfg.model:
+        return model_dir.resolve().name
+    from services.worker.models.default_model import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
+
+
+def _model_vocab_size(model_dir: Path) -> int | None:
+    try:
+        size = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        return None
+    return size if isinstance(size, int) else None
+
+
+class Gateway:
+    def __init__(self, cfg: MeshConfig, tokenizer: Any | None = None):
+        self.cfg = cfg
+        self.model_dir = model_dir_of(cfg)
+        self.model_name = model_name_of(cfg, self.model_dir)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.tokenizer = tokenizer
+        self.vocab_size = _model_vocab_size(self.model_dir) or len(tokenizer)
+        self.requests: dict[str, Request] = {}
+        self.deadlines: list[tuple[float, str]] = []  # heap; entries of forgotten rids linger
+        self.stopping = False
+        self.ready = threading.Event()  # set once every socket is bound (tests wait on it)
+        self._ctx = zmq.Context()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task | None = None
+        self._sockets: list[Any] = []  # closed at shutdown, in this order
+
+    # ---- requests, from either frontend
+    def submit(self, submit: Submit, sink: Sink, client: bytes = b"") -> Request:
+        """Tokenize, check and route `submit`; replies go to `sink`, Accepted first.
+        `client` is a native client's ZMQ identity (only it may abort the request)."""
+        if self.stopping:
+            raise GatewayError("the gateway is shutting down; retry on another", code=503)
+        prepared = prepare(submit, self.tokenizer, self.vocab_size)
+        rid = uuid.uuid4().hex
+        req = Request(rid, submit.client_tag, sink, submit.stream, len(prepared.token_ids),
+                      prepared.params, self.tokenizer,
+                      time.monotonic() + self.cfg.request_timeout_s, client)
+        route = RouteRequest(rid=rid, token_ids=prepared.token_ids,
+                             sampling=prepared.params.to_dict(), route=submit.route)
+        if not self.send_to_router.send(route):
+            raise GatewayError("the router's queue is full; retry later", code=503)
+        self.requests[rid] = req
+        heapq.heappush(self.deadlines, (req.deadline, rid))
+        sink(Accepted(rid=rid, client_tag=submit.client_tag,
+                      num_prompt_tokens=req.num_prompt_tokens))
+        return req
+
+    def cancel(self, rid: str) -> None:
+        """Forget `rid` and tell the router to stop it (its client is gone or gave up)."""
+        if self.requests.pop(rid, None) is not None:
+            self.send_to_router.send(AbortRequest(rid=rid))
+
+    def fail(self, rid: str, message: str, code: int, tell_router: bool = True) -> None:
+        """End `rid` with an Error to its client; `tell_router`: also abort it there."""
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return
+        if tell_router:
+            self.send_to_router.send(AbortRequest(rid=rid))
+        req.sink(Error(rid=rid, message=message, code=code))
+
+    # ---- the loop
+    async def serve(self) -> None:
+        """Runs until `request_stop` (or SIGTERM/SIGINT in the main thread)."""
+        from services.gateway.http import start_http
+
+        self._loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
+        runner = None
+        try:
+            self._open_sockets()
+            runner = await start_http(self, self.cfg.gateway_http)
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.add_signal_handler(sig, self.request_stop)
+            log.info("gateway ready: zmq %s, http %s, model %s",
+                     self.cfg.gateway_zmq, self.cfg.gateway_http, self.model_name)
+            self.ready.set()
+            await self._run()
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            if hasattr(self._main, "uncancel"):  # Python >= 3.11
+                self._main.uncancel()  # our own stop, not the caller's cancel
+        finally:
+            await self._shutdown(runner)
+
+    def _open_sockets(self) -> None:
+        actx = zmq.asyncio.Context.shadow(self._ctx.underlying)
+        self.cfg.run_path.mkdir(parents=True, exist_ok=True)
+        router = actx.socket(zmq.ROUTER)
+        self._sockets.append(router)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(self.cfg.gateway_zmq)
+        self.clients = ZmqFrontend(self, router)  # native clients: Submit/Abort in, replies out
+        self.send_to_router = Outbox(self._ctx, self.cfg.router_inbox)  # never blocks: plain zmq
+        self._sockets.append(self.send_to_router)
+        self.recv_from_mesh = Inbox(actx, self.cfg.gateway_inbox)  # Tokens, Error, RequestDone
+        self._sockets.append(self.recv_from_mesh)
+
+    def request_stop(self) -> None:
+        """Stop accepting, abort what is in flight, exit; safe from any thread."""
+        if self._loop is None or self._loop.is_closed():
+            self.stopping = True
+        else:
+            self._loop.call_soon_threadsafe(self._stop)
+
+    def _stop(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            if self._main is not None:
+                self._main.cancel()
+
+    async def _run(self) -> None:
+        poller = zmq.asyncio.Poller()
+        poller.register(self.clients.sock, zmq.POLLIN)
+        poller.register(self.recv_from_mesh.sock, zmq.POLLIN)
+        next_beat = 0.0
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= next_beat:
+                self._write_status()
+                next_beat = now + self.cfg.heartbeat_s
+            self._expire(now)
+            wake = min(next_beat, self.deadlines[0][0]) if self.deadlines else next_beat
+            ready = dict(await poller.poll(max(1, int((wake - time.monotonic()) * 1000))))
+            if self.clients.sock in ready:
+                self.clients.drain(MAX_DRAIN)
+            if self.recv_from_mesh.sock in ready:
+                self._drain_mesh()
+
+    def _write_status(self) -> None:
+        write_status(self.cfg.run_path, "gateway", role="gateway", zmq=self.cfg.gateway_zmq,
+                     http=f"http://{self.cfg.gateway_http}", model=self.model_name,
+                     num_requests=len(self.requests))
+
+    def _expire(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, rid = heapq.heappop(self.deadlines)
+            if rid in self.requests:
+                self.fail(rid, f"request {rid} timed out after {self.cfg.request_timeout_s:g} s "
+                          "(request_timeout_s)", code=504)
+        if len(self.deadlines) > 2 * len(self.requests) + 1000:  # drop finished requests' entries
+            self.deadlines = [(d, rid) for d, rid in self.deadlines if rid in self.requests]
+            heapq.heapify(self.deadlines)
+
+    # ---- workers and the router
+    def _drain_mesh(self) -> None:
+        for _ in range(MAX_DRAIN):
+            frames = recv_nowait(self.recv_from_mesh.sock)
+            if frames is None:
+                return
+            try:
+                msg = decode(frames)
+            except ProtocolError as e:
+                log.warning("dropped a bad frame on %s: %s", self.cfg.gateway_inbox, e)
+                continue
+            if isinstance(msg, Tokens):
+                self._on_tokens(msg)
+            elif isinstance(msg, Error):
+                self.fail(msg.rid, msg.message, msg.code, tell_router=False)
+            elif isinstance(msg, RequestDone):
+                self._on_done(msg)
+            else:
+                log.warning("the gateway inbox got a %s; it takes Tokens, Error, RequestDone",
+                            type(msg).__name__)
+
+    def _on_tokens(self, msg: Tokens) -> None:
+        req = self.requests.get(msg.rid)
+        if req is None:
+            return  # aborted, failed or timed out already
+        deltas = req.on_tokens(msg)
+        if req.finished:
+            del self.requests[msg.rid]
+        for delta in deltas:
+            req.sink(delta)
+
+    def _on_done(self, msg: RequestDone) -> None:
+        """Tokens travel worker -> gateway and may still be on their way, so only a failed or
+        aborted request is ended here."""
+        req = self.requests.get(msg.rid)
+        if req is None:
+            return
+        if msg.error:
+            self.fail(msg.rid, msg.error, code=500, tell_router=False)
+        elif msg.finish_reason == "abort":
+            del self.requests[msg.rid]
+            for delta in req.abort():
+                req.sink(delta)
+
+    # ---- shutdown
+    async def _shutdown(self, runner: Any | None) -> None:
+        self.stopping = True
+        for rid in list(self.requests):
+            self.fail(rid, "the gateway is shutting down", code=503)
+        if runner is not None:
+            await asyncio.sleep(0.05)  # let HTTP handlers write the errors they just got
+            await runner.cleanup()  # bounded by the runner's shutdown_timeout
+        for sock in self._sockets:
+            sock.close()  # the outbox lingers to deliver the AbortRequests
+        self._ctx.term()
+        clear_status(self.cfg.run_path, "gateway")
+        log.info("gateway stopped")
+
+
+def run_gateway(cfg: MeshConfig) -> None:
+    """Serve until SIGTERM/SIGINT; blocking."""
+    asyncio.run(Gateway(cfg).serve())
