@@ -211,7 +211,7 @@ class Tokens(Message):
 # ---- encoding
 def encode(msg: Message) -> list[bytes]:
     payload = msgpack.packb(
-        {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}, use_bin_type=True
+        {name: getattr(msg, name) for name in _field_types(type(msg))}, use_bin_type=True
     )
     return [bytes((PROTOCOL_VERSION, msg.KIND)), payload]
 
@@ -240,17 +240,30 @@ def decode(frames: list[bytes]) -> Message:
     return _build(cls, data)
 
 
+_FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
+
+
+def _field_types(cls: type[Message]) -> dict[str, tuple[type, ...]]:
+    """Allowed runtime types per field, resolved once per class (type hints are slow)."""
+    types_ = _FIELD_TYPES.get(cls)
+    if types_ is None:
+        hints = typing.get_type_hints(cls)
+        types_ = _FIELD_TYPES[cls] = {f.name: _allowed(hints[f.name])
+                                      for f in dataclasses.fields(cls)}
+    return types_
+
+
 def _build(cls: type[Message], data: dict) -> Message:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ProtocolError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    allowed = _field_types(cls)
     for name, value in data.items():
-        if not _type_ok(value, hints[name]):
+        ok = allowed.get(name)
+        if ok is None:
+            unknown = sorted(set(data) - set(allowed))
+            raise ProtocolError(f"{cls.__name__} has no field(s) {unknown}")
+        if not isinstance(value, ok) or (isinstance(value, bool) and bool not in ok):
+            names = " or ".join(t.__name__ for t in ok)
             raise ProtocolError(
-                f"{cls.__name__}.{name} must be {_type_name(hints[name])}, "
-                f"got {type(value).__name__}"
+                f"{cls.__name__}.{name} must be {names}, got {type(value).__name__}"
             )
     return cls(**data)
 
@@ -264,17 +277,6 @@ def _allowed(tp: Any) -> tuple[type, ...]:
     if origin is float:
         return (float, int)
     return (origin,)
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    allowed = _allowed(tp)
-    if isinstance(value, bool) and bool not in allowed:
-        return False
-    return isinstance(value, allowed)
-
-
-def _type_name(tp: Any) -> str:
-    return " or ".join(t.__name__ for t in _allowed(tp))
 
 
 def kind_name(kind: int) -> str:

@@ -47,7 +47,8 @@ MAX_DRAIN = 1000  # messages per socket per wake, so HTTP handlers are never sta
 
 
 def model_dir_of(cfg: MeshConfig) -> Path:
-    if cfg.model:
+    """The folder whose tokenizer the gateway uses (the null model borrows the default's)."""
+    if cfg.model and cfg.model != "null":
         return Path(cfg.model).expanduser()
     from services.worker.models.default_model import default_model_path
 
