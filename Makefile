@@ -1,10 +1,17 @@
 # nanopd: `make up` then `make test`. Everything installs into .venv/ on first use.
+#   make up [CONFIG=mesh.toml] [RUN_DIR=dir]   start the mesh, then ask it the demo question
+#   make status | make down                    see it, stop it
+#   make restart S=NAME | make logs S=NAME [N=100] [F=1 to follow]
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+NANOPD := $(VENV)/bin/nanopd
+DEMO_PROMPT := What is the capital of France?
+N ?= 50
+MESH_ARGS := $(if $(CONFIG),--config $(CONFIG)) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
-.PHONY: install test lint up gpu-test bench-quick clean
+.PHONY: install test lint up down status restart logs gpu-test bench-quick clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv --system-site-packages $(VENV)
@@ -24,7 +31,22 @@ lint: $(STAMP)
 	$(VPY) -m ruff check .
 
 up: $(STAMP)
-	$(VENV)/bin/nanopd generate "What is the capital of France?"
+	$(NANOPD) up $(MESH_ARGS)
+	$(NANOPD) submit $(MESH_ARGS) "$(DEMO_PROMPT)"
+
+down: $(STAMP)
+	$(NANOPD) down $(MESH_ARGS)
+
+status: $(STAMP)
+	$(NANOPD) status $(MESH_ARGS)
+
+restart: $(STAMP)
+	@test -n "$(S)" || { echo "usage: make restart S=NAME (a name from make status)"; exit 2; }
+	$(NANOPD) restart $(MESH_ARGS) $(S)
+
+logs: $(STAMP)
+	@test -n "$(S)" || { echo "usage: make logs S=NAME [N=lines] (a name from make status)"; exit 2; }
+	$(NANOPD) logs $(MESH_ARGS) -n $(N) $(if $(F),-f) $(S)
 
 gpu-test:
 	python3 -m pytest -q tests/gpu

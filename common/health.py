@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STALE_S = 10.0
+STALE_S = 30.0  # a CPU worker busy with a long prefill step still counts as alive
 
 
 def status_dir(run_dir: Path) -> Path:
