@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(VPY) -m pytest -q tests/unit
+	$(VPY) -m pytest -q tests/unit tests/integration
 
 lint: $(STAMP)
 	$(VPY) -m ruff check .
