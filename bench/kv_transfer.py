@@ -163,11 +163,16 @@ def _decode_main(args: argparse.Namespace, name: str, device: str, conn: Connect
         pool = make_pool(args, device, fill=False)
         t = make_transport(name, pool, worker="bench-decode", **transport_kw(args, name))
         export, rng, rows = conn.recv(), random.Random(0), []
-        for n in args.block_counts:
+        for n, layout in [(n, lay) for n in args.block_counts
+                          for lay in ("consecutive", "scattered")]:
             send_s, recv_s = [], []
             for rep in range(args.warmup + args.reps):
-                src = rng.sample(range(args.num_blocks), n)
-                dst = rng.sample(range(args.num_blocks), n)
+                if layout == "scattered":  # a long-running pool's free list
+                    src = rng.sample(range(args.num_blocks), n)
+                    dst = rng.sample(range(args.num_blocks), n)
+                else:  # a fresh pool allocates in order
+                    a, b = (rng.randrange(args.num_blocks - n + 1) for _ in range(2))
+                    src, dst = list(range(a, a + n)), list(range(b, b + n))
                 conn.send(("send", f"r{n}_{rep}", src))
                 handle, sent_s = conn.recv()
                 start = time.perf_counter()
@@ -180,7 +185,8 @@ def _decode_main(args: argparse.Namespace, name: str, device: str, conn: Connect
             nbytes = n * t.block_nbytes
             send_med, recv_med = statistics.median(send_s), statistics.median(recv_s)
             rows.append({
-                "num_tokens": n * args.block_size, "num_blocks": n, "nbytes": nbytes,
+                "num_tokens": n * args.block_size, "num_blocks": n, "layout": layout,
+                "nbytes": nbytes,
                 "send_median_s": send_med, "recv_median_s": recv_med,
                 "send_GBps": gbps(nbytes, send_med), "recv_GBps": gbps(nbytes, recv_med),
                 "end_to_end_GBps": gbps(nbytes, send_med + recv_med),

@@ -50,6 +50,21 @@ def _local_device_index(peer_export: dict) -> int:
     return int(peer_export["device"])
 
 
+
+MAX_DIRECT_RUNS = 32  # more fragmented than this: gather, one P2P copy, scatter
+
+
+def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal (src_start, dst_start, length) runs where both block lists are consecutive."""
+    runs: list[list[int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [(s, d, n) for s, d, n in runs]
+
+
 class CudaIpcTransport(KvTransport):
     name = "cuda_ipc"
 
@@ -111,8 +126,17 @@ class CudaIpcTransport(KvTransport):
         if not src_block_ids:
             return
         step = self.blocks_per_copy
+        runs = block_runs(src_block_ids, dst_block_ids)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
+            if len(runs) <= MAX_DIRECT_RUNS:
+                # one strided peer-to-peer copy per run of consecutive blocks: torch runs it
+                # as a kernel that reads the peer's pool over NVLink, no staging
+                for s, d, n in runs:
+                    self.kv_pool[:, :, d:d + n].copy_(peer_pool[:, :, s:s + n],
+                                                      non_blocking=True)
+                self._stream.synchronize()
+                return
             for i in range(0, len(src_block_ids), step):
                 src = torch.tensor(src_block_ids[i:i + step], device=peer_pool.device)
                 dst = torch.tensor(dst_block_ids[i:i + step], device=self.device)

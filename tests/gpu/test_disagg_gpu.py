@@ -16,7 +16,10 @@ LENGTHS = [7, 40, 129]
 def _engine(path: str, device: str, dtype: str):
     from services.worker.engine import LLM
 
-    return LLM(path, device=device, dtype=dtype, num_kv_blocks=512).engine
+    # no prefix cache: the collocated rerun must compute the prompt as the prefill worker did
+    # (a cache hit computes only the last token, which in bf16 rounds differently)
+    return LLM(path, device=device, dtype=dtype, num_kv_blocks=512,
+               enable_prefix_caching=False).engine
 
 
 def _drain(engine) -> list:
