@@ -35,8 +35,12 @@ class Inbox:
     def drain(self, limit: int = 10_000) -> list[Message]:
         """Everything waiting now (up to `limit`), without blocking."""
         out: list[Message] = []
-        while len(out) < limit and self.sock.poll(0):
-            msg = self._decode(self.sock.recv_multipart())
+        while len(out) < limit:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            msg = self._decode(frames)
             if msg is not None:
                 out.append(msg)
         return out

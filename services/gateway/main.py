@@ -39,7 +39,7 @@ from common.protocol import (
 from common.sockets import Inbox, Outbox
 from services.gateway.intake import GatewayError, prepare
 from services.gateway.requests import Request, Sink
-from services.gateway.zmq_frontend import ZmqFrontend, recv_nowait
+from services.gateway.zmq_frontend import ZmqFrontend, recv_nowait, sync_shadow
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class Gateway:
         self._sockets.append(self.send_to_router)
         self.recv_from_mesh = Inbox(actx, self.cfg.gateway_inbox)  # Tokens, Error, RequestDone
         self._sockets.append(self.recv_from_mesh)
+        self._mesh_sync = sync_shadow(self.recv_from_mesh.sock)
 
     def request_stop(self) -> None:
         """Stop accepting, abort what is in flight, exit; safe from any thread."""
@@ -214,7 +215,7 @@ class Gateway:
     # ---- workers and the router
     def _drain_mesh(self) -> None:
         for _ in range(MAX_DRAIN):
-            frames = recv_nowait(self.recv_from_mesh.sock)
+            frames = recv_nowait(self._mesh_sync)
             if frames is None:
                 return
             try:

@@ -52,6 +52,7 @@ class Router:
         self.policy = RulePolicy(cfg.strategy)
         self.ctx = zmq.Context()
         self.inbox = Inbox(self.ctx, cfg.router_inbox)
+        self.gateway_address = cfg.gateway_inbox
         self.out = Outboxes(self.ctx)
         self.workers: dict[str, WorkerView] = {}
         self.requests: dict[str, Tracked] = {}
@@ -74,7 +75,7 @@ class Router:
         if t is None:
             return
         log.warning("request %s failed: %s", rid, message)
-        self.out.send(self.cfg.gateway_inbox, Error(rid=rid, message=message, code=code))
+        self.out.send(self.gateway_address, Error(rid=rid, message=message, code=code))
         self.end_legs(t)
         self.paths["failed"] += 1
 
@@ -112,7 +113,7 @@ class Router:
 
     def on_route(self, req: RouteRequest, exclude: set[str] | None = None) -> None:
         if req.route not in ("auto", "collocated", "disaggregated"):
-            self.out.send(self.cfg.gateway_inbox, Error(
+            self.out.send(self.gateway_address, Error(
                 rid=req.rid, code=400,
                 message=f"route {req.route!r}; allowed: auto, collocated, disaggregated"))
             return
@@ -120,7 +121,7 @@ class Router:
         d = self.policy.decide(len(req.token_ids), n, req.route, self.live_workers(), exclude)
         if isinstance(d, str):
             self.requests.pop(req.rid, None)
-            self.out.send(self.cfg.gateway_inbox, Error(
+            self.out.send(self.gateway_address, Error(
                 rid=req.rid, code=503, message=f"cannot route request: {d}"))
             return
         now = time.monotonic()

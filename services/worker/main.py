@@ -51,6 +51,7 @@ class Worker:
                                                  device=self.wcfg.device, **self.wcfg.engine))
         self.ctx = zmq.Context()
         self.address = cfg.worker_inbox(name)
+        self.router_address, self.gateway_address = cfg.router_inbox, cfg.gateway_inbox
         self.inbox = Inbox(self.ctx, self.address)
         self.out = Outboxes(self.ctx)
         self.handoff = Handoff(self, cfg.kv_lease_s)
@@ -60,10 +61,10 @@ class Worker:
 
     # ---- outgoing
     def to_router(self, msg: Message) -> None:
-        self.out.send(self.cfg.router_inbox, msg)
+        self.out.send(self.router_address, msg)
 
     def to_gateway(self, msg: Message) -> None:
-        self.out.send(self.cfg.gateway_inbox, msg)
+        self.out.send(self.gateway_address, msg)
 
     def fail(self, rid: str, error: str) -> None:
         """A leg failed: tell the router (it tells the gateway and the other leg)."""

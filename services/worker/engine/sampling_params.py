@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -66,7 +66,9 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain fields (lists copied), for a msgpack message; asdict's deep copy is slow."""
+        return {name: (list(v) if isinstance(v := getattr(self, name), list) else v)
+                for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
