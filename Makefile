@@ -51,5 +51,8 @@ logs: $(STAMP)
 gpu-test:
 	python3 -m pytest -q tests/gpu
 
+bench-quick: $(STAMP)
+	$(VPY) bench/offline_throughput.py --quick --device cpu
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
