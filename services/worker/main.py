@@ -28,6 +28,7 @@ from common.protocol import (
     Tokens,
 )
 from common.sockets import Inbox, Outboxes
+from services.launcher_config import available_cores, worker_threads
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.engine import LLMEngine, RequestError, TokenEvent
 from services.worker.engine.sampling_params import SamplingParams, SamplingParamsError
@@ -41,9 +42,10 @@ class Worker:
     def __init__(self, cfg: MeshConfig, name: str):
         self.cfg, self.name = cfg, name
         self.wcfg = cfg.worker(name)
-        threads = int(os.environ.get("NANOPD_THREADS", "0") or 0) or self.wcfg.threads
-        if threads:
-            torch.set_num_threads(threads)
+        # NANOPD_THREADS (set by `nanopd up`), else the config's share of the cores, so that
+        # workers started any other way (systemd) don't oversubscribe the CPU either
+        threads = int(os.environ.get("NANOPD_THREADS", "0") or 0)
+        torch.set_num_threads(threads or worker_threads(cfg, available_cores())[name])
         if cfg.model == "null":  # control-plane measurements: no model, fixed tokens
             self.engine = NullEngine()
         else:
