@@ -10,8 +10,18 @@ from common.protocol import Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flag arithmetic costs more than a send
+_NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+
 LINGER_MS = 1000  # a closing socket gets this long to flush (a final error, a dead notice)
 SNDHWM = 100_000
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """send_multipart without blocking; raises zmq.Again when the peer's queue is full."""
+    for frame in frames[:-1]:
+        sock.send(frame, _NOBLOCK_MORE, copy=True)
+    sock.send(frames[-1], _NOBLOCK, copy=True)
 
 
 class Inbox:
@@ -37,7 +47,7 @@ class Inbox:
         out: list[Message] = []
         while len(out) < limit:
             try:
-                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
             msg = self._decode(frames)
@@ -69,7 +79,7 @@ class Outbox:
     def send(self, msg: Message) -> bool:
         """False if the peer's queue is full (the message is dropped, and said so)."""
         try:
-            self.sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+            send_frames(self.sock, encode(msg))
             return True
         except zmq.Again:
             log.error("queue to %s is full; dropped %s", self.address, type(msg).__name__)

@@ -14,12 +14,16 @@ import zmq
 import zmq.asyncio
 
 from common.protocol import Abort, Error, Message, ProtocolError, Submit, decode, encode
+from common.sockets import send_frames
 from services.gateway.intake import GatewayError
 
 if TYPE_CHECKING:
     from services.gateway.main import Gateway
 
 log = logging.getLogger(__name__)
+
+
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 def recv_nowait(sock: zmq.Socket) -> list[bytes] | None:
@@ -29,7 +33,7 @@ def recv_nowait(sock: zmq.Socket) -> list[bytes] | None:
     receive itself on this hot path.
     """
     try:
-        return sock.recv_multipart(flags=zmq.NOBLOCK)
+        return sock.recv_multipart(_NOBLOCK)
     except zmq.Again:
         return None
 
@@ -88,6 +92,6 @@ class ZmqFrontend:
     def send(self, identity: bytes, msg: Message) -> None:
         # A ROUTER never blocks: at the high-water mark, or for a gone client, it drops.
         try:
-            self.sync.send_multipart([identity, *encode(msg)], flags=zmq.NOBLOCK)
+            send_frames(self.sync, [identity, *encode(msg)])
         except zmq.ZMQError as e:
             log.warning("a reply to a client was dropped: %s", e)
