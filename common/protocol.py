@@ -88,6 +88,7 @@ class Error(Message):
     rid: str = ""
     message: str = ""
     code: int = 400
+    client_tag: str = ""  # a rejected Submit has no rid yet: its tag says which one failed
 
 
 # ---- to the router (from the gateway and the workers)

@@ -135,11 +135,13 @@ class Client:
                     if msg.client_tag in ("", submit.client_tag) and not rid:
                         self.accepted, rid = msg, msg.rid
                 elif isinstance(msg, Error):
-                    if msg.rid in ("", rid) or not rid:
+                    # ours: our rid, our tag, or a tag-less error before we have a rid
+                    if (rid and msg.rid == rid) or msg.client_tag == submit.client_tag or (
+                            not rid and not msg.rid and not msg.client_tag):
                         finished = True
                         raise GatewayError(msg.message, msg.code, msg.rid)
-                elif isinstance(msg, TokenDelta) and (msg.rid == rid or not rid):
-                    rid = rid or msg.rid
+                elif isinstance(msg, TokenDelta) and rid and msg.rid == rid:
+                    # deltas of an earlier, abandoned request on this socket are skipped
                     if msg.finish_reason is not None:
                         num_left -= 1
                     yield msg

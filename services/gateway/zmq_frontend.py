@@ -77,7 +77,7 @@ class ZmqFrontend:
         try:
             self.gateway.submit(msg, sink, client=identity)
         except GatewayError as e:
-            self.send(identity, Error(message=e.message, code=e.code))
+            self.send(identity, Error(message=e.message, code=e.code, client_tag=msg.client_tag))
 
     def _on_abort(self, identity: bytes, msg: Abort) -> None:
         req = self.gateway.requests.get(msg.rid)
