@@ -84,14 +84,14 @@ class Handoff:
             self.w.fail(msg.rid, f"decode worker has no transport {msg.transport!r}")
             return
         try:
+            params = SamplingParams.from_dict(msg.sampling)
             transport.recv(msg.handle.get("export", {}), msg.handle, entry[1])
-        except Exception as e:  # a broken transfer must not kill the worker
+            self.w.engine.add_prefilled(msg.rid, msg.token_ids, msg.num_prompt_tokens, params)
+        except Exception as e:  # a broken hand-off fails the request, never the worker
             self.w.engine.abort(msg.rid)
-            ack(False, f"transfer failed: {e}")
-            self.w.fail(msg.rid, f"KV transfer failed: {e}")
+            ack(False, f"hand-off failed: {e}")
+            self.w.fail(msg.rid, f"KV hand-off failed: {e}")
             return
-        params = SamplingParams.from_dict(msg.sampling)
-        self.w.engine.add_prefilled(msg.rid, msg.token_ids, msg.num_prompt_tokens, params)
         ack(True)
         # the first token was sampled by the prefill worker; it is streamed from here
         self.w.legs[msg.rid] = Leg(msg.rid, "decode", num_output_tokens=1)
