@@ -56,3 +56,8 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+
+.PHONY: kernels
+# on a GPU machine (nvcc, ninja, CUDA torch): csrc/ -> build/kernels/nanopd_kernels.so
+kernels:
+	$(PY) csrc/build.py

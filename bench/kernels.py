@@ -1,0 +1,192 @@
+"""Paged decode attention: our CUDA kernel against the copy bandwidth and torch's attention.
+
+Builds the kernels if needed (csrc/build.py), then for each batch x context:
+(a) copy reference: one device `copy_` of --ref-nbytes; GB/s counts bytes read + written
+(b) ours: cuda_ops.paged_decode on a paged cache (blocks scattered at random); GB/s counts
+    K/V bytes read + q + out, and its fraction of (a)
+(c) sdpa: F.scaled_dot_product_attention(enable_gqa=True) on contiguous K/V of the same data
+(d) varlen flash (services/worker/ops/flash.py) on the paged cache: route 'packed' (a gather
+    per call, its index built once per step as in the engine) and 'paged' where torch has it
+Every row is checked: ours against sdpa (max abs difference). Each time is the median of
+--reps single calls after --warmup, by CUDA events, with L2 flushed before each call (a
+layer's KV is not in L2 during a real decode step).
+
+    python3 bench/kernels.py --out kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a plain copy of the repo, no install
+    sys.path.insert(0, str(ROOT))
+
+from services.worker.ops import cuda_ops, flash  # noqa: E402
+from services.worker.ops.attn_metadata import AttnMetadata  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,8,32,64,128", help="batch sizes, comma-separated")
+    p.add_argument("--contexts", default="512,2048,8192", help="context lengths, comma-separated")
+    p.add_argument("--num-heads", type=int, default=12, help="query heads")
+    p.add_argument("--num-kv-heads", type=int, default=2, help="KV heads")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim (64 or 128)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="dtype")
+    p.add_argument("--partition-size", type=int,
+                   help="force paged_decode's partition size (default: its own choice)")
+    p.add_argument("--ref-nbytes", type=int, default=2**30, help="bytes of the copy reference")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
+    p.add_argument("--reps", type=int, default=30, help="timed calls; the median is reported")
+    p.add_argument("--no-build", action="store_true", help="use build/kernels as it is")
+    p.add_argument("--out", help="also write the results here as JSON")
+    return p.parse_args(argv)
+
+
+class Timer:
+    def __init__(self, warmup: int, reps: int):
+        self.warmup, self.reps = warmup, reps
+        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # > L2
+
+    def median_s(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    def try_median_s(self, fn: Callable[[], object]) -> float | str:
+        try:
+            return self.median_s(fn)
+        except (RuntimeError, TypeError, ValueError) as e:
+            return f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def copy_reference(args: argparse.Namespace, timer: Timer) -> dict:
+    src = torch.empty(args.ref_nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    s = timer.median_s(lambda: dst.copy_(src))
+    return {"nbytes": args.ref_nbytes, "median_s": s, "GBps": 2 * args.ref_nbytes / s / 1e9}
+
+
+def make_case(args: argparse.Namespace, batch: int, context: int, seed: int = 0):
+    dtype = getattr(torch, args.dtype)
+    h, kvh, d, bs = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    blocks_per_seq = -(-context // bs)
+    num_blocks = batch * blocks_per_seq
+    tables = torch.randperm(num_blocks, device="cuda", generator=g).to(torch.int32)
+    tables = tables.view(batch, blocks_per_seq)
+    k_cache = torch.randn(num_blocks, bs, kvh, d, device="cuda", generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, kvh, d, device="cuda", generator=g).to(dtype)
+    q = torch.randn(batch, h, d, device="cuda", generator=g).to(dtype)
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    cu = list(range(batch + 1))
+    meta = AttnMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.int64, device="cuda"), context_lens=lens,
+        block_tables=tables, cu_seqlens_q=cu, context_lens_host=[context] * batch,
+        num_decode_seqs=batch, cu_seqlens_q_dev=torch.tensor(cu, dtype=torch.int32,
+                                                             device="cuda"),
+        max_q=1,
+    )
+    return q, k_cache, v_cache, tables, lens, meta
+
+
+def bench_row(args: argparse.Namespace, timer: Timer, batch: int, context: int,
+              copy_gbps: float) -> dict:
+    q, k_cache, v_cache, tables, lens, meta = make_case(args, batch, context)
+    scale = args.head_dim**-0.5
+    kw = {"max_context_len": context, "partition_size": args.partition_size}
+    ours = cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, scale, **kw)
+    t_ours = timer.median_s(
+        lambda: cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, scale, **kw))
+    elem = q.element_size()
+    nbytes = 2 * batch * context * args.num_kv_heads * args.head_dim * elem + 2 * q.nbytes
+    row = {
+        "batch": batch, "context": context,
+        "partition_size": args.partition_size or cuda_ops.choose_partition_size(
+            batch, args.num_kv_heads, context, q.device),
+        "nbytes": nbytes, "ours_s": t_ours, "ours_GBps": nbytes / t_ours / 1e9,
+        "ours_frac_of_copy": nbytes / t_ours / 1e9 / copy_gbps,
+    }
+    # sdpa on contiguous K/V of the same data: [batch, kv_heads, context, head_dim]
+    k = k_cache[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+    q4 = q[:, :, None, :]
+    ref = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)[:, :, 0]
+    row["max_abs_diff_vs_sdpa"] = float((ours.float() - ref.float()).abs().max())
+    row["check"] = row["max_abs_diff_vs_sdpa"] < 2e-2
+    row["sdpa_s"] = timer.try_median_s(
+        lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True))
+    for route in ("packed", "paged"):
+        impl = flash._IMPLS[route]
+        row[f"varlen_{route}_s"] = (
+            "unavailable: torch has no varlen_attn" if flash.varlen_attn is None
+            else timer.try_median_s(lambda impl=impl: impl(q, k_cache, v_cache, meta, scale)))
+    for key in ("sdpa_s", "varlen_packed_s", "varlen_paged_s"):
+        if isinstance(row[key], float):
+            row[key.replace("_s", "_over_ours")] = row[key] / t_ours
+    return row
+
+
+def fmt(x: object) -> str:
+    return f"{x * 1e6:9.1f}" if isinstance(x, float) else f"{'n/a':>9}"
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA device")
+    if not args.no_build:
+        subprocess.run([sys.executable, str(ROOT / "csrc" / "build.py")], check=True)
+    if cuda_ops.load() is None:
+        sys.exit(f"no kernels in {cuda_ops.BUILD_DIR}: run `make kernels`")
+    timer = Timer(args.warmup, args.reps)
+    copy = copy_reference(args, timer)
+    print(f"copy reference: {copy['GBps']:.1f} GB/s (read + write, {args.ref_nbytes} bytes)")
+    print(f"{'batch':>5} {'ctx':>6} {'part':>5} {'ours us':>9} {'GB/s':>7} {'of copy':>7} "
+          f"{'sdpa us':>9} {'packed us':>9} {'paged us':>9} {'diff':>8}")
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for context in [int(c) for c in args.contexts.split(",")]:
+            r = bench_row(args, timer, batch, context, copy["GBps"])
+            rows.append(r)
+            print(f"{batch:5d} {context:6d} {r['partition_size']:5d} {fmt(r['ours_s'])} "
+                  f"{r['ours_GBps']:7.1f} {r['ours_frac_of_copy']:7.2f} {fmt(r['sdpa_s'])} "
+                  f"{fmt(r['varlen_packed_s'])} {fmt(r['varlen_paged_s'])} "
+                  f"{r['max_abs_diff_vs_sdpa']:8.4f}{'' if r['check'] else '  CHECK FAILED'}")
+            torch.cuda.empty_cache()
+    result = {
+        "bench": "kernels", "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "copy_reference": copy, "rows": rows,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    if not all(r["check"] for r in rows):
+        sys.exit("some rows differ from sdpa by 2e-2 or more")
+
+
+if __name__ == "__main__":
+    main()

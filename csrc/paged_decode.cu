@@ -1,0 +1,68 @@
+// Paged decode attention: instantiations and the launcher (kernels in paged_decode.cuh).
+#include "paged_decode.cuh"
+
+namespace nanopd {
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+template <typename T, int HEAD_DIM, int ROWS>
+cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(p.num_kv_heads, p.num_seqs, p.max_partitions);
+  constexpr int smem_nbytes = decode_smem_nbytes<HEAD_DIM>();
+  auto kernel = paged_decode_kernel<T, HEAD_DIM, ROWS>;
+  // above 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device
+  static bool opted_in[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device >= kMaxDevices || !opted_in[device]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_nbytes);
+    if (err != cudaSuccess) return err;
+    if (device < kMaxDevices) opted_in[device] = true;  // a race only repeats the call
+  }
+  kernel<<<grid, kWarps * 32, smem_nbytes, stream>>>(p);
+  if (p.max_partitions > 1) {
+    paged_decode_reduce_kernel<T, HEAD_DIM>
+        <<<dim3(p.num_heads, p.num_seqs), 32, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int HEAD_DIM>
+cudaError_t by_group(const PagedDecodeParams& p, cudaStream_t stream) {
+  const int group = p.num_heads / p.num_kv_heads;
+  if (group <= 8) return launch<T, HEAD_DIM, 8>(p, stream);
+  if (group <= 16) return launch<T, HEAD_DIM, 16>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t by_head_dim(const PagedDecodeParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return by_group<T, 64>(p, stream);
+    case 128: return by_group<T, 128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+}  // namespace nanopd
+
+extern "C" cudaError_t nanopd_paged_decode(const PagedDecodeParams* p, cudaStream_t stream) {
+  using namespace nanopd;
+  if (p->num_seqs == 0) return cudaSuccess;
+  const bool ok = p->num_kv_heads > 0 && p->num_heads % p->num_kv_heads == 0 &&
+                  p->block_size > 0 && p->block_size % kTile == 0 &&
+                  p->partition_size > 0 && p->partition_size % kTile == 0 &&
+                  p->max_partitions >= 1 && p->max_partitions <= 65535 &&
+                  p->num_seqs <= 65535 &&
+                  (p->max_partitions == 1 ||
+                   (p->partial_out && p->partial_max && p->partial_sum));
+  if (!ok) return cudaErrorInvalidValue;
+  switch (p->dtype) {
+    case NANOPD_FP16: return by_head_dim<__half>(*p, stream);
+    case NANOPD_BF16: return by_head_dim<__nv_bfloat16>(*p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}

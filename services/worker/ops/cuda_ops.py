@@ -1,0 +1,192 @@
+"""The hand-written CUDA kernels of csrc/, when built; each names its torch reference.
+
+`make kernels` (on a GPU machine) builds build/kernels/nanopd_kernels.so; `load()` imports it
+if it is there and never compiles, so CPU users and CI need no nvcc. docs/kernels.md tells
+how the kernels work and how they are tested and measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[3]
+BUILD_DIR = ROOT / "build" / "kernels"
+NAME = "nanopd_kernels"
+MAX_PARTITION_SIZE = 512  # tokens per thread block of paged_decode when the grid is big enough
+MIN_PARTITION_SIZE = 64   # one 16-token tile per warp
+
+_module: ModuleType | None = None
+_tried = False
+
+
+def load() -> ModuleType | None:
+    """The built extension, or None (not built, no CUDA, or built against another torch)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    path = BUILD_DIR / f"{NAME}.so"
+    if not path.exists() or not torch.cuda.is_available():
+        return None
+    sources = [p for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h")]
+    newest_source = max(p.stat().st_mtime for p in sources)
+    if newest_source > path.stat().st_mtime:
+        log.warning("%s is older than csrc/; run `make kernels` to rebuild it", path)
+    try:
+        spec = importlib.util.spec_from_file_location(NAME, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        log.warning("cannot import %s (%s); rebuild with `make kernels`", path, e)
+        return None
+    _module = module
+    return module
+
+
+def _ops() -> ModuleType:
+    module = load()
+    if module is None:
+        raise RuntimeError(f"the nanopd CUDA kernels are not built ({BUILD_DIR / NAME}.so); "
+                           "run `make kernels` on a machine with a GPU and nvcc")
+    return module
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int,
+                          device: torch.device) -> int:
+    """Tokens per thread block: 512, halved (to 64) while the grid gives < 4 blocks per SM."""
+    target = 4 * _num_sms(device.index if device.index is not None else 0)
+    size = MAX_PARTITION_SIZE
+    while size > MIN_PARTITION_SIZE:
+        if num_seqs * num_kv_heads * -(-max_context_len // size) >= target:
+            break
+        size //= 2
+    return size
+
+
+def decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether paged_decode is built for these dtypes and shapes (else: flash or torch)."""
+    group, rem = divmod(q.shape[1], k_cache.shape[2])
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and k_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
+            and k_cache.shape[1] % 16 == 0 and rem == 0 and group <= 16)
+
+
+def paged_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, *, max_context_len: int | None = None,
+    partition_size: int | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention: one query `[num_seqs, num_heads, head_dim]` per sequence over its
+    `context_lens[i]` cached tokens; returns `out` of q's shape.
+
+    k_cache/v_cache `[num_blocks, block_size, num_kv_heads, head_dim]` (a layer's view of the
+    pool), block_tables int32 `[num_seqs, max_blocks]`, context_lens int32 `[num_seqs]`;
+    fp16/bf16, head_dim 64 or 128, block_size a multiple of 16, up to 16 query heads per KV
+    head. `max_context_len` (>= every context length; read from context_lens, a device sync,
+    when not given) sizes the grid; a sequence longer than it gets NaN. Torch reference:
+    `paged_decode_reference` below, the decode branch of `ops.attention.paged_attention`.
+    """
+    ops = _ops()
+    num_seqs, num_heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+    if partition_size is None:
+        partition_size = choose_partition_size(num_seqs, k_cache.shape[2], max_context_len,
+                                               q.device)
+    max_partitions = max(1, -(-max_context_len // partition_size))
+    f32 = {"dtype": torch.float32, "device": q.device}
+    if max_partitions > 1:
+        partial_out = torch.empty(num_seqs, num_heads, max_partitions, head_dim, **f32)
+        partial_max = torch.empty(num_seqs, num_heads, max_partitions, **f32)
+        partial_sum = torch.empty_like(partial_max)
+    else:
+        partial_out = partial_max = partial_sum = torch.empty(0, **f32)
+    ops.paged_decode(out, q, k_cache, v_cache, block_tables, context_lens, partial_out,
+                     partial_max, partial_sum, float(scale), int(partition_size))
+    return out
+
+
+def paged_decode_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """The torch reference of `paged_decode` (padded gather, masked SDPA; any dtype/device)."""
+    from services.worker.ops.attention import gather_kv  # attention.py will import this module
+
+    max_len = int(context_lens.max())
+    k = gather_kv(k_cache, block_tables, max_len).transpose(1, 2)  # [S, KVH, L, D]
+    v = gather_kv(v_cache, block_tables, max_len).transpose(1, 2)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]
+    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :],
+                                       scale=scale)
+    return o[:, :, 0, :]
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write `[num_tokens, num_kv_heads, head_dim]` keys/values into their cache slots
+    (int64 `slot_mapping`, slot = block * block_size + offset; a negative slot is skipped).
+
+    Torch reference: `ops.attention.store_kv` (index_copy_). Any dtype; head_dim * element
+    size a multiple of 16 bytes; key/value may be strided views (e.g. of the fused qkv).
+    """
+    _ops().store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _ids(ids: list[int] | torch.Tensor, num_blocks: int, name: str,
+         device: torch.device) -> torch.Tensor:
+    if isinstance(ids, torch.Tensor):
+        return ids.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
+    if any(not 0 <= i < num_blocks for i in ids):
+        raise ValueError(f"{name} has ids outside [0, {num_blocks}): "
+                         f"{[i for i in ids if not 0 <= i < num_blocks][:8]}")
+    host = torch.tensor(ids, dtype=torch.int64, pin_memory=True)
+    return host.to(device, non_blocking=True)
+
+
+def copy_blocks(src_pool: torch.Tensor, dst_pool: torch.Tensor,
+                src_ids: list[int] | torch.Tensor, dst_ids: list[int] | torch.Tensor) -> None:
+    """`dst_pool[:, :, dst_ids] = src_pool[:, :, src_ids]` for pools `[num_layers, 2,
+    num_blocks, block_size, num_kv_heads, head_dim]`, in one launch on dst_pool's GPU and its
+    current stream. src_pool may live on another GPU (peer access) or be a peer process's pool
+    opened through CUDA IPC; the kernel reads it directly. No dst id may also be a src id.
+    Lists are bounds-checked here; tensors are trusted.
+
+    Torch reference: `copy_blocks_reference` (as in ModelRunner.copy_blocks).
+    """
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} src ids for {len(dst_ids)} dst ids")
+    if len(src_ids) == 0:
+        return
+    dev = dst_pool.device
+    src = _ids(src_ids, src_pool.shape[2], "src_ids", dev)
+    dst = _ids(dst_ids, dst_pool.shape[2], "dst_ids", dev)
+    _ops().copy_blocks(src_pool, dst_pool, src, dst)
+
+
+def copy_blocks_reference(src_pool: torch.Tensor, dst_pool: torch.Tensor,
+                          src_ids: list[int], dst_ids: list[int]) -> None:
+    """The torch reference of `copy_blocks`: an index gather, a copy across devices, a scatter."""
+    src = torch.tensor(src_ids, device=src_pool.device)
+    dst = torch.tensor(dst_ids, device=dst_pool.device)
+    dst_pool[:, :, dst] = src_pool[:, :, src].to(dst_pool.device)
