@@ -101,6 +101,13 @@ def paged_decode(
     `paged_decode_reference` below, the decode branch of `ops.attention.paged_attention`.
     """
     ops = _ops()
+    if not decode_supported(q, k_cache):
+        # checked here too: the extension crashed (SIGSEGV) instead of raising for head_dim
+        # 80 on the first device run (2026-11-28); the C++ cause is still open
+        raise RuntimeError(
+            f"paged_decode is not built for q {tuple(q.shape)} {q.dtype} over k_cache "
+            f"{tuple(k_cache.shape)}: head_dim must be 64 or 128, block_size a multiple of "
+            "16, at most 16 query heads per KV head, float16 or bfloat16")
     num_seqs, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
