@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:  # run from a plain copy of the repo, no install
 
 from services.worker.engine import LLM, SamplingParams  # noqa: E402
 from services.worker.models.random_model import SHAPES, write_random_model  # noqa: E402
+from services.worker.ops import cuda_ops  # noqa: E402
 from services.worker.ops.flash import active_route  # noqa: E402
 
 T = TypeVar("T")
@@ -172,6 +173,8 @@ def run_nanopd(args: argparse.Namespace, model: Path, wl: dict[str, Any]) -> dic
         "engine_config": {k: v for k, v in engine_kwargs.items() if k != "seed"},
         "num_kv_blocks_used": llm.engine.runner.num_blocks,
         "attention_route": active_route() if device.type == "cuda" else "torch",
+        "decode_kernel": device.type == "cuda" and cuda_ops.load() is not None
+        and os.environ.get("NANOPD_ATTN", "auto") in ("auto", "cuda"),
         "stats": llm.engine.stats(),
     }
     if device.type == "cuda":
@@ -301,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(text)
     summary = (f"nanopd: {nano['output_tokens']} tokens in {nano['seconds']:.2f} s = "
-               f"{nano['output_tokens_per_s']:.1f} tok/s (attention {nano['attention_route']})")
+               f"{nano['output_tokens_per_s']:.1f} tok/s (attention {nano['attention_route']}, "
+               f"decode kernel {nano['decode_kernel']})")
     if hf:
         summary += (f"\nhf: {hf['useful_output_tokens']} useful ({hf['generated_tokens']} raw) "
                     f"in {hf['seconds']:.2f} s = {hf['useful_tokens_per_s']:.1f} useful tok/s, "

@@ -7,9 +7,12 @@ sequence lives in slot `block_table[p // block_size] * block_size + p % block_si
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from services.worker.ops import cuda_ops
 from services.worker.ops.attn_metadata import AttnMetadata
 from services.worker.ops.flash import flash_attention
 
@@ -55,6 +58,12 @@ def paged_attention(
     Every query attends to all earlier positions of its own sequence (cached prefix
     included) and to itself: a chunk of a chunked prefill sees the whole prefix.
     """
+    if meta.is_decode_only and q.is_cuda and os.environ.get("NANOPD_ATTN", "auto") in (
+            "auto", "cuda") and cuda_ops.load() is not None and cuda_ops.decode_supported(
+            q, k_cache):  # our CUDA kernel (csrc/), when built with `make kernels`
+        max_ctx = meta.derived.setdefault("max_ctx", max(meta.context_lens_host))
+        return cuda_ops.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                     scale, max_context_len=max_ctx)
     fast = flash_attention(q, k_cache, v_cache, meta, scale)
     if fast is not None:
         return fast
