@@ -147,6 +147,7 @@ def prepare_model(args: argparse.Namespace, tmp: str) -> Path:
 def run_nanopd(args: argparse.Namespace, model: Path, wl: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # initializes CUDA (a reused --model-dir did not)
         torch.cuda.reset_peak_memory_stats(device)
     engine_kwargs: dict[str, Any] = {
         "dtype": args.dtype, "block_size": 16, "max_num_batched_tokens":
