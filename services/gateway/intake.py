@@ -73,7 +73,7 @@ def tokenize(submit: Submit, tokenizer: Any, vocab_size: int) -> list[int]:
     elif submit.prompt is not None:
         if not isinstance(submit.prompt, str):
             raise GatewayError("prompt must be a string", param="prompt")
-        ids = list(tokenizer.encode(submit.prompt, add_special_tokens=False))
+        ids = list(tokenizer.encode(submit.prompt, add_special_tokens=True))  # BOS etc., as offline
     else:
         raise GatewayError("no prompt: give one of prompt, messages or token_ids", param="prompt")
     if not ids:
