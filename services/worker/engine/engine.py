@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +78,6 @@ class LLMEngine:
         ids = set(self.model_config.eos_token_ids)
         gen = Path(self.model_dir) / "generation_config.json"
         if gen.is_file():
-            import json
-
             eos = json.loads(gen.read_text()).get("eos_token_id")
             ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

@@ -46,6 +46,19 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw)
     return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
 
 
+def decode_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, max_len: int, scale: float,
+) -> torch.Tensor:
+    """One query per sequence `[S, H, D]` over its first `context_lens` cached positions:
+    a padded gather and one masked SDPA (the reference of the CUDA decode kernel too)."""
+    k = gather_kv(k_cache, block_tables, max_len).transpose(1, 2)
+    v = gather_kv(v_cache, block_tables, max_len).transpose(1, 2)
+    mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]
+    o = _sdpa(q[:, :, None, :], k, v, scale, attn_mask=mask[:, None, None, :])
+    return o[:, :, 0, :]
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata,
     scale: float,
@@ -70,13 +83,9 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decode_seqs
     if nd:  # decode: one query per sequence, batched over a padded gather
-        max_len = max(meta.context_lens_host[:nd])
-        k = gather_kv(k_cache, meta.block_tables[:nd], max_len).transpose(1, 2)
-        v = gather_kv(v_cache, meta.block_tables[:nd], max_len).transpose(1, 2)
-        pos = torch.arange(max_len, device=q.device)
-        mask = (pos[None, :] < meta.context_lens[:nd, None])[:, None, None, :]
-        o = _sdpa(q[:nd, :, None, :], k, v, scale, attn_mask=mask)
-        out[:nd] = o[:, :, 0, :]
+        out[:nd] = decode_reference(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                    meta.context_lens[:nd], max(meta.context_lens_host[:nd]),
+                                    scale)
     cu = meta.cu_seqlens_q
     for i in range(nd, meta.num_seqs):  # prefill chunks, one sequence at a time
         q0, q1 = cu[i], cu[i + 1]

@@ -14,7 +14,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +135,10 @@ def paged_decode_reference(
     context_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """The torch reference of `paged_decode` (padded gather, masked SDPA; any dtype/device)."""
-    from services.worker.ops.attention import gather_kv  # attention.py will import this module
+    from services.worker.ops.attention import decode_reference  # attention imports this module
 
-    max_len = int(context_lens.max())
-    k = gather_kv(k_cache, block_tables, max_len).transpose(1, 2)  # [S, KVH, L, D]
-    v = gather_kv(v_cache, block_tables, max_len).transpose(1, 2)
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]
-    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :],
-                                       scale=scale)
-    return o[:, :, 0, :]
+    return decode_reference(q, k_cache, v_cache, block_tables, context_lens,
+                            int(context_lens.max()), scale)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
