@@ -19,11 +19,16 @@ enum { NANOPD_FP16 = 0, NANOPD_BF16 = 1 };
 // num_kv_heads, head_dim] (head_dim contiguous, every row 16-byte aligned);
 // block_tables: [num_seqs, >= ceil(context_len / block_size)] int32; context_lens: [num_seqs].
 // Query head h reads KV head h / (num_heads / num_kv_heads).
-// A sequence's context is cut into partitions of partition_size tokens, one thread block each.
-// With max_partitions > 1, sequences that need several partitions leave per-partition results
-// in the fp32 workspace (partial_out [num_seqs, num_heads, max_partitions, head_dim],
-// partial_max and partial_sum [num_seqs, num_heads, max_partitions]) and a second kernel
-// combines them; max_partitions must be >= ceil(max(context_lens) / partition_size).
+//
+// Split-K: each sequence's context is cut into at most max_splits chunks of equal size (a
+// multiple of 64 tokens, at least min_chunk), one thread block per (KV head, sequence,
+// chunk). The split is computed on the device from context_lens, so the launch does not depend
+// on any context length: one grid serves every step of a captured CUDA graph. With
+// max_splits > 1, a sequence of several chunks leaves per-chunk results in the fp32 workspace
+// (partial_out [num_seqs, num_heads, max_splits, head_dim], partial_max and partial_sum
+// [num_seqs, num_heads, max_splits]); the last of its blocks to finish (counted in
+// counters [num_seqs * num_kv_heads], zero before the launch and zero again after it)
+// combines them. No second kernel.
 typedef struct {
   void* out;
   const void* q;
@@ -34,13 +39,14 @@ typedef struct {
   float* partial_out;
   float* partial_max;
   float* partial_sum;
+  int32_t* counters;
   int64_t q_stride_seq, q_stride_head;
   int64_t out_stride_seq, out_stride_head;
   int64_t k_stride_block, k_stride_slot, k_stride_head;
   int64_t v_stride_block, v_stride_slot, v_stride_head;
   int64_t block_tables_stride;
   int num_seqs, num_heads, num_kv_heads, head_dim, block_size;
-  int partition_size, max_partitions;
+  int max_splits, min_chunk;
   float scale;
   int dtype;  // NANOPD_FP16 or NANOPD_BF16
 } PagedDecodeParams;

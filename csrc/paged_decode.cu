@@ -8,7 +8,7 @@ constexpr int kMaxDevices = 64;
 
 template <typename T, int HEAD_DIM, int ROWS>
 cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.num_kv_heads, p.num_seqs, p.max_partitions);
+  const dim3 grid(p.num_kv_heads, p.num_seqs, p.max_splits);
   constexpr int smem_nbytes = decode_smem_nbytes<HEAD_DIM>();
   auto kernel = paged_decode_kernel<T, HEAD_DIM, ROWS>;
   // above 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device
@@ -22,10 +22,6 @@ cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
     if (device < kMaxDevices) opted_in[device] = true;  // a race only repeats the call
   }
   kernel<<<grid, kWarps * 32, smem_nbytes, stream>>>(p);
-  if (p.max_partitions > 1) {
-    paged_decode_reduce_kernel<T, HEAD_DIM>
-        <<<dim3(p.num_heads, p.num_seqs), 32, 0, stream>>>(p);
-  }
   return cudaGetLastError();
 }
 
@@ -54,11 +50,11 @@ extern "C" cudaError_t nanopd_paged_decode(const PagedDecodeParams* p, cudaStrea
   if (p->num_seqs == 0) return cudaSuccess;
   const bool ok = p->num_kv_heads > 0 && p->num_heads % p->num_kv_heads == 0 &&
                   p->block_size > 0 && p->block_size % kTile == 0 &&
-                  p->partition_size > 0 && p->partition_size % kTile == 0 &&
-                  p->max_partitions >= 1 && p->max_partitions <= 65535 &&
+                  p->min_chunk > 0 && p->min_chunk % kChunkAlign == 0 &&
+                  p->max_splits >= 1 && p->max_splits <= kMaxSplits &&
                   p->num_seqs <= 65535 &&
-                  (p->max_partitions == 1 ||
-                   (p->partial_out && p->partial_max && p->partial_sum));
+                  (p->max_splits == 1 ||
+                   (p->partial_out && p->partial_max && p->partial_sum && p->counters));
   if (!ok) return cudaErrorInvalidValue;
   switch (p->dtype) {
     case NANOPD_FP16: return by_head_dim<__half>(*p, stream);

@@ -1,7 +1,7 @@
 // Paged decode attention, device code (see docs/kernels.md for the layout and the reasons).
 //
-// One thread block = one (KV head, sequence, partition), kWarps warps. Each warp walks 16-token
-// tiles of the partition (tile w, w + kWarps, ...) and keeps its own online-softmax state for
+// One thread block = one (KV head, sequence, chunk of the context), kWarps warps. Each warp walks
+// 16-token tiles of the chunk (tile w, w + kWarps, ...) and keeps its own online-softmax state for
 // all ROWS query heads of the KV head's group (ROWS = 8 or 16, unused rows are zero queries).
 // Both products run on tensor cores, mma.sync m16n8k16 with fp32 accumulation, FA2-style:
 //   S[rows, 16 tokens] = Q[rows, D] K^T    (two n-tiles of 8 tokens, D/16 k-steps)
@@ -25,10 +25,39 @@
 
 namespace nanopd {
 
-constexpr int kWarps = 4;
-constexpr int kTile = 16;   // tokens per warp iteration: one mma k-step of P V
-constexpr int kStages = 3;  // tiles per warp in the cp.async ring: two in flight while one is used
+#ifndef NANOPD_DECODE_WARPS  // overridable at build time for tuning runs (csrc/build.py -D)
+#define NANOPD_DECODE_WARPS 4
+#endif
+#ifndef NANOPD_DECODE_STAGES
+#define NANOPD_DECODE_STAGES 3
+#endif
+constexpr int kWarps = NANOPD_DECODE_WARPS;
+constexpr int kTile = 16;  // tokens per warp iteration: one mma k-step of P V
+constexpr int kStages = NANOPD_DECODE_STAGES;  // tiles per warp in the cp.async ring
+constexpr int kChunkAlign = 64;  // chunk sizes are multiples of this many tokens
+constexpr int kMaxSplits = 256;  // the combine step keeps group x splits weights in the ring
 constexpr float kLog2e = 1.4426950408889634f;
+static_assert(kStages >= 2 && kWarps >= 1 && kWarps <= 8, "unsupported tuning");
+
+// Tokens per chunk of a sequence of ctx tokens: the context in at most max_splits equal
+// chunks, a multiple of kChunkAlign, at least min_chunk. Host and device agree on it.
+__host__ __device__ __forceinline__ int chunk_tokens(int ctx, int max_splits, int min_chunk) {
+  const int per = (ctx + max_splits - 1) / max_splits;
+  const int aligned = (per + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  return aligned > min_chunk ? aligned : min_chunk;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
 
 // Shared memory of one thread block: per warp kStages tiles of 16-byte pieces, [piece][lane].
 template <int HEAD_DIM>
@@ -38,6 +67,62 @@ __host__ __device__ constexpr int pieces_per_tile() {
 template <int HEAD_DIM>
 __host__ __device__ constexpr int decode_smem_nbytes() {
   return kWarps * kStages * pieces_per_tile<HEAD_DIM>() * 32 * 16;
+}
+
+// The block's warps each left (max, sum, unnormalized out) per row in shared memory: their
+// combination for (row, d), returning the max; sum and acc out (out = acc / sum).
+template <int HEAD_DIM, int ROWS>
+__device__ __forceinline__ float combine_warps(const uint4* smem, const float (*s_max)[ROWS],
+                                               const float (*s_sum)[ROWS], int row, int d,
+                                               float& sum, float& acc) {
+  constexpr int SO = HEAD_DIM + 1;
+  constexpr int WARP_NBYTES = kStages * pieces_per_tile<HEAD_DIM>() * 32 * 16;
+  float mx = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_max[w][row]);
+  sum = 0.f, acc = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const float a = fast_exp2(s_max[w][row] - mx);  // a warp without tiles: -inf -> 0
+    const float* w_out = reinterpret_cast<const float*>(
+        reinterpret_cast<const char*>(smem) + w * WARP_NBYTES);
+    sum += a * s_sum[w][row];
+    acc += a * w_out[row * SO + d];
+  }
+  return mx;
+}
+
+// out = sum_k w_k out_k / sum_k w_k over a sequence's chunks, w_k = sum_k 2^(max_k - max).
+// Runs in the last block of the (sequence, KV head) to finish; s_w: group x num_parts floats.
+template <typename T, int HEAD_DIM>
+__device__ void combine_splits(const PagedDecodeParams& p, float* s_w, int seq, int head0,
+                               int group, int num_parts, T* out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int row = warp; row < group; row += kWarps) {
+    const int64_t base = ((int64_t)seq * p.num_heads + head0 + row) * p.max_splits;
+    float mx = -INFINITY;
+    for (int k = lane; k < num_parts; k += 32) mx = fmaxf(mx, __ldcg(p.partial_max + base + k));
+    mx = warp_max(mx);
+    float total = 0.f;
+    for (int k = lane; k < num_parts; k += 32) {
+      const float w = __ldcg(p.partial_sum + base + k) * fast_exp2(__ldcg(p.partial_max + base + k) - mx);
+      s_w[row * num_parts + k] = w;
+      total += w;
+    }
+    const float inv = 1.f / warp_sum(total);
+    __syncwarp();
+    for (int k = lane; k < num_parts; k += 32) s_w[row * num_parts + k] *= inv;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
+    const int row = i / HEAD_DIM, d = i % HEAD_DIM;
+    const int64_t base = ((int64_t)seq * p.num_heads + head0 + row) * p.max_splits;
+    float acc = 0.f;
+    for (int k = 0; k < num_parts; ++k) {
+      acc += s_w[row * num_parts + k] * __ldcg(p.partial_out + (base + k) * HEAD_DIM + d);
+    }
+    out[row * p.out_stride_head + d] = from_float<T>(acc);
+  }
 }
 
 template <typename T, int HEAD_DIM, int ROWS>
@@ -51,32 +136,33 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int PIECES = pieces_per_tile<HEAD_DIM>();
   constexpr int SO = HEAD_DIM + 1;   // padded row of the cross-warp buffer
   static_assert(ROWS * SO * 4 <= kStages * PIECES * 32 * 16, "combine buffer must fit");
+  static_assert(16 * kMaxSplits * 4 <= kWarps * kStages * PIECES * 32 * 16,
+                "the chunk weights of combine_splits must fit in the ring");
 
   extern __shared__ uint4 smem[];
   __shared__ float s_max[kWarps][ROWS];
   __shared__ float s_sum[kWarps][ROWS];
 
-  const int kv_head = blockIdx.x, seq = blockIdx.y, part = blockIdx.z;
+  const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
   const int group = p.num_heads / p.num_kv_heads;
   const int head0 = kv_head * group;
   const int ctx = p.context_lens[seq];
-  const int begin = part * p.partition_size;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + head0 * p.out_stride_head;
-  const bool too_long = (int64_t)ctx > (int64_t)p.max_partitions * p.partition_size;
-  if (ctx <= 0 || too_long) {  // nothing to attend to: zeros; a grid too small: NaN, loudly
-    if (part == 0) {
-      const T fill = from_float<T>(too_long ? NAN : 0.f);
+  if (ctx <= 0) {  // nothing to attend to (a padding row of a CUDA graph batch): zeros
+    if (split == 0) {
       for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
-        out[(i / HEAD_DIM) * p.out_stride_head + i % HEAD_DIM] = fill;
+        out[(i / HEAD_DIM) * p.out_stride_head + i % HEAD_DIM] = from_float<T>(0.f);
       }
     }
     return;
   }
+  const int chunk = chunk_tokens(ctx, p.max_splits, p.min_chunk);
+  const int num_parts = (ctx + chunk - 1) / chunk;  // <= max_splits by construction
+  const int begin = split * chunk;
   if (begin >= ctx) return;
-  const int end = min(ctx, begin + p.partition_size);
-  const int num_parts = (ctx + p.partition_size - 1) / p.partition_size;
+  const int end = min(ctx, begin + chunk);
 
   // Q fragments: query heads head0 + g (and head0 + g + 8); rows past the group are zero
   const T* q = static_cast<const T*>(p.q) + seq * p.q_stride_seq + head0 * p.q_stride_head;
@@ -105,13 +191,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int n = 0; n < 2; ++n) k_off[n] = (8 * n + g) * (int)p.k_stride_slot + 8 * t;
 #pragma unroll
   for (int i = 0; i < 4; ++i) v_off[i] = vrow[i] * (int)p.v_stride_slot + 8 * g;
-  const int first = begin + warp * kTile;  // this warp's tiles: first, first + kWarps * kTile, ..
-  const int num_tiles = first < end ? (end - first + kWarps * kTile - 1) / (kWarps * kTile) : 0;
+  constexpr int kStride = kWarps * kTile;   // tokens between a warp's consecutive tiles
+  const int first = begin + warp * kTile;  // this warp's tiles: first, first + kStride, ..
+  const int num_tiles = first < end ? (end - first + kStride - 1) / kStride : 0;
+  // the block id of the next tile to issue, read one tile ahead so that issuing a tile never
+  // waits on a global load of the block table
+  int64_t next_block = num_tiles > 0 ? __ldg(table + first / p.block_size) : 0;
 
   auto issue = [&](int i) {  // tile i of this warp into stage i % kStages, then commit
-    if (i < num_tiles) {
-      const int t0 = first + i * kWarps * kTile;
-      const int64_t block = __ldg(table + t0 / p.block_size);
+    if (i < num_tiles) {     // (called once for each i, in order)
+      const int t0 = first + i * kStride;
+      const int64_t block = next_block;
+      if (i + 1 < num_tiles) next_block = __ldg(table + (t0 + kStride) / p.block_size);
       const int off = t0 % p.block_size;
       const T* kt = kbase + block * p.k_stride_block + off * (int)p.k_stride_slot;
       const T* vt = vbase + block * p.v_stride_block + off * (int)p.v_stride_slot;
@@ -144,7 +235,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int i = 0; i < num_tiles; ++i) {
     issue(i + kStages - 1);  // into the stage tile i - 1 used: its reads are done
     cp_async_wait<kStages - 1>();  // tile i has landed
-    const int t0 = first + i * kWarps * kTile;
+    const int t0 = first + i * kStride;
     const uint4* st = ring + (i % kStages) * PIECES * 32;
 
     // S = Q K^T: s[n][0..1] row g, tokens 8n + 2t, +1; s[n][2..3] the same for row g + 8
@@ -228,57 +319,39 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   __syncthreads();
 
-  const bool direct = num_parts == 1;
-  const int64_t prow = ((int64_t)seq * p.num_heads + head0) * p.max_partitions + part;
+  if (num_parts == 1) {
+    for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
+      const int row = i / HEAD_DIM, d = i % HEAD_DIM;
+      float sum, acc;
+      combine_warps<HEAD_DIM, ROWS>(smem, s_max, s_sum, row, d, sum, acc);
+      out[row * p.out_stride_head + d] = from_float<T>(acc / sum);
+    }
+    return;
+  }
+  const int64_t prow = ((int64_t)seq * p.num_heads + head0) * p.max_splits + split;
   for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
     const int row = i / HEAD_DIM, d = i % HEAD_DIM;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_max[w][row]);
-    float sum = 0.f, acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float a = fast_exp2(s_max[w][row] - mx);  // a warp without tiles: -inf -> 0
-      const float* w_out = reinterpret_cast<const float*>(smem + w * (kStages * PIECES * 32));
-      sum += a * s_sum[w][row];
-      acc += a * w_out[row * SO + d];
-    }
-    if (direct) {
-      out[row * p.out_stride_head + d] = from_float<T>(acc / sum);
-    } else {
-      const int64_t k = prow + (int64_t)row * p.max_partitions;
-      p.partial_out[k * HEAD_DIM + d] = acc / sum;
-      if (d == 0) p.partial_max[k] = mx, p.partial_sum[k] = sum;
-    }
+    float sum, acc;
+    const float mx = combine_warps<HEAD_DIM, ROWS>(smem, s_max, s_sum, row, d, sum, acc);
+    const int64_t k = prow + (int64_t)row * p.max_splits;
+    p.partial_out[k * HEAD_DIM + d] = acc / sum;
+    if (d == 0) p.partial_max[k] = mx, p.partial_sum[k] = sum;
   }
-}
 
-// One warp per (query head, sequence), for sequences of several partitions:
-// out = sum_p w_p out_p / sum_p w_p with w_p = sum_p * 2^(max_p - max over p)
-template <typename T, int HEAD_DIM>
-__global__ void __launch_bounds__(32) paged_decode_reduce_kernel(const PagedDecodeParams p) {
-  const int head = blockIdx.x, seq = blockIdx.y;
-  const int num_parts = (p.context_lens[seq] + p.partition_size - 1) / p.partition_size;
-  if (num_parts <= 1 || num_parts > p.max_partitions) return;  // written by the first kernel
-  const int64_t base = ((int64_t)seq * p.num_heads + head) * p.max_partitions;
-  float mx = -INFINITY;
-  for (int i = 0; i < num_parts; ++i) mx = fmaxf(mx, p.partial_max[base + i]);
-  T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + head * p.out_stride_head;
-  for (int d = 4 * threadIdx.x; d < HEAD_DIM; d += 4 * 32) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    float sum = 0.f;
-    for (int i = 0; i < num_parts; ++i) {
-      const float w = p.partial_sum[base + i] * fast_exp2(p.partial_max[base + i] - mx);
-      const float4 v = *reinterpret_cast<const float4*>(p.partial_out + (base + i) * HEAD_DIM + d);
-      sum += w;
-      acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
-    }
-    const float inv = 1.f / sum;
-    out[d] = from_float<T>(acc.x * inv);
-    out[d + 1] = from_float<T>(acc.y * inv);
-    out[d + 2] = from_float<T>(acc.z * inv);
-    out[d + 3] = from_float<T>(acc.w * inv);
+  // The last block of this (sequence, KV head) to finish combines every chunk's result.
+  __shared__ int s_last;
+  __threadfence();  // this block's partial results are visible before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* counter = p.counters + seq * p.num_kv_heads + kv_head;
+    s_last = atomicAdd(counter, 1) == num_parts - 1;
+    if (s_last) *counter = 0;  // every block has counted: ready for the next launch
   }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  combine_splits<T, HEAD_DIM>(p, reinterpret_cast<float*>(smem), seq, head0, group, num_parts,
+                              out);
 }
 
 }  // namespace nanopd

@@ -124,17 +124,74 @@ def test_paged_decode_eight_kv_heads():  # a 70B-like layer: 64 query heads over
     run_decode([4096] * 8 + [3, 700], 8, 128, 16, torch.bfloat16, num_kv_heads=8)
 
 
-@pytest.mark.parametrize("partition_size", [16, 64, 112, 512, 4096])
-def test_paged_decode_partition_sizes(partition_size):
-    run_decode(_lengths("b37_ragged_3k"), 6, 128, 16, torch.bfloat16,
-               partition_size=partition_size)
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 256])
+@pytest.mark.parametrize("min_chunk", [64, 256, 1024])
+def test_paged_decode_splits(num_splits, min_chunk):
+    run_decode(_lengths("b37_ragged_3k") + [9000], 6, 128, 16, torch.bfloat16,
+               num_splits=num_splits, min_chunk=min_chunk)
 
 
 def test_paged_decode_scale_and_determinism():
     args = (_lengths("b37_ragged_3k"), 4, 128, 32, torch.float16)
     q, k_cache, v_cache, tables, lens, out = run_decode(*args, scale=0.3)
     again = cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.3)
-    assert torch.equal(out, again)  # no atomics: the same bits every run
+    assert torch.equal(out, again)  # chunks are combined in a fixed order: the same bits
+
+
+def test_paged_decode_leaves_split_counters_zero():
+    run_decode(_lengths("b256_ragged_1k"), 8, 128, 16, torch.bfloat16, num_splits=16,
+               min_chunk=64)
+    counters = cuda_ops._split_counters(1, torch.device("cuda", torch.cuda.current_device()))
+    assert int(counters.abs().sum()) == 0
+
+
+def test_paged_decode_zero_context_gives_zeros():  # padding rows of a CUDA graph batch
+    k_cache, v_cache, tables = make_cache([300, 1, 5], NUM_KV_HEADS, 128, 16, torch.bfloat16)
+    q = torch.randn(3, 8, 128, device="cuda").bfloat16()
+    lens = torch.tensor([300, 0, 5], dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.1, out=out, num_splits=4,
+                          min_chunk=64)
+    assert int((out[1] != 0).sum()) == 0 and not out.isnan().any()
+    ref = reference(q[[0, 2]], k_cache, v_cache, tables[[0, 2]], [300, 5], 0.1)
+    torch.testing.assert_close(out[[0, 2]].double(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_paged_decode_in_a_cuda_graph():
+    """Captured once; other context lengths and block tables written in place, then replayed:
+    the grid does not depend on any context length."""
+    cases = [[40, 700, 3000, 1], [2500, 1, 64, 4100]]
+    made = [make_cache(c, NUM_KV_HEADS, 128, 16, torch.bfloat16, seed=i)
+            for i, c in enumerate(cases)]
+    num_blocks = max(k.shape[0] for k, _, _ in made)
+    width = max(t.shape[1] for _, _, t in made)
+    k_cache = torch.zeros(num_blocks, *made[0][0].shape[1:], dtype=torch.bfloat16,
+                          device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    tables = torch.zeros(4, width, dtype=torch.int32, device="cuda")
+    lens = torch.zeros(4, dtype=torch.int32, device="cuda")
+    q = torch.randn(4, 12, 128, device="cuda").bfloat16()
+    out = torch.empty_like(q)
+
+    def load(i: int) -> None:
+        k, v, t = made[i]
+        k_cache[: k.shape[0]].copy_(k)
+        v_cache[: v.shape[0]].copy_(v)
+        tables.zero_()
+        tables[:, : t.shape[1]].copy_(t)
+        lens.copy_(torch.tensor(cases[i], dtype=torch.int32))
+
+    load(0)
+    cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.1, out=out)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.1, out=out)
+    for i in (1, 0, 1):
+        load(i)
+        graph.replay()
+        k, v, t = made[i]
+        ref = reference(q, k, v, t, cases[i], 0.1)
+        torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
 
 
 def test_paged_decode_layer_views():
@@ -148,19 +205,9 @@ def test_paged_decode_layer_views():
     qkv = torch.randn(num_seqs, (heads + 2 * NUM_KV_HEADS) * d, device="cuda").bfloat16()
     q = qkv[:, : heads * d].view(num_seqs, heads, d)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
-    out = cuda_ops.paged_decode(q, pool[1, 0], pool[1, 1], tables, lens, d**-0.5,
-                                max_context_len=max(ctx_lens))
+    out = cuda_ops.paged_decode(q, pool[1, 0], pool[1, 1], tables, lens, d**-0.5)
     ref = reference(q, k_cache, v_cache, tables, ctx_lens, d**-0.5)
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
-
-
-def test_paged_decode_short_max_context_len_gives_nan():
-    k_cache, v_cache, tables = make_cache([10, 600], NUM_KV_HEADS, 64, 16, torch.bfloat16)
-    q = torch.randn(2, 8, 64, device="cuda").bfloat16()
-    lens = torch.tensor([10, 600], dtype=torch.int32, device="cuda")
-    out = cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, max_context_len=100,
-                                partition_size=64)  # a grid for 128 tokens: 600 cannot fit
-    assert out[1].isnan().all() and not out[0].isnan().any()
 
 
 def test_paged_decode_refuses_unbuilt_shapes():
@@ -172,6 +219,45 @@ def test_paged_decode_refuses_unbuilt_shapes():
     assert cuda_ops.decode_supported(q[..., :64], cache[..., :64])
     with pytest.raises(RuntimeError, match="head_dim"):
         cuda_ops.paged_decode(q, cache, cache, tables, lens, 0.1)
+
+
+BAD_CALLS = """
+import torch
+from services.worker.ops import cuda_ops
+ops, dev = cuda_ops._ops(), "cuda"
+bf = {"dtype": torch.bfloat16, "device": dev}
+q, cache = torch.zeros(1, 4, 80, **bf), torch.zeros(2, 16, 2, 80, **bf)
+tables = torch.zeros(1, 1, dtype=torch.int32, device=dev)
+lens = torch.ones(1, dtype=torch.int32, device=dev)
+none = torch.empty(0, device=dev)
+key, pool = torch.zeros(3, 2, 80, **bf), torch.zeros(1, 2, 4, 16, 2, 64, **bf)
+errors = [
+    ops.paged_decode(q, q, cache, cache, tables, lens, none, none, none, none, 0.1, 1, 64),
+    ops.paged_decode(q[..., :64].cpu(), q[..., :64], cache, cache, tables, lens, none, none,
+                     none, none, 0.1, 1, 64),
+    ops.store_kv(key, key, cache, cache, torch.zeros(3, dtype=torch.int32, device=dev)),
+    ops.copy_blocks(pool, pool, torch.zeros(2, dtype=torch.int64, device=dev),
+                    torch.zeros(3, dtype=torch.int64, device=dev)),
+]
+assert all(errors), errors
+print("|".join(errors))
+"""
+
+
+def test_bindings_return_errors_instead_of_crashing():
+    """Straight to the extension, past the Python checks: every bad call returns its error
+    (a C++ exception once killed the process); run in a child so a crash fails this test."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", BAD_CALLS], capture_output=True, text=True,
+                       cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    errors = r.stdout.strip().split("|")
+    assert "head_dim 80" in errors[0] and "must be a CUDA tensor" in errors[1]
+    assert "slot_mapping" in errors[2] and "src_ids and dst_ids" in errors[3]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

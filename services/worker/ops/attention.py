@@ -74,9 +74,8 @@ def paged_attention(
     if meta.is_decode_only and q.is_cuda and os.environ.get("NANOPD_ATTN", "auto") in (
             "auto", "cuda") and cuda_ops.load() is not None and cuda_ops.decode_supported(
             q, k_cache):  # our CUDA kernel (csrc/), when built with `make kernels`
-        max_ctx = meta.derived.setdefault("max_ctx", max(meta.context_lens_host))
         return cuda_ops.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                     scale, max_context_len=max_ctx)
+                                     scale)
     fast = flash_attention(q, k_cache, v_cache, meta, scale)
     if fast is not None:
         return fast

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -18,10 +19,11 @@ import torch
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[3]
-BUILD_DIR = ROOT / "build" / "kernels"
+# NANOPD_KERNELS_DIR: another build (csrc/build.py --variant) for tuning runs
+BUILD_DIR = Path(os.environ.get("NANOPD_KERNELS_DIR", ROOT / "build" / "kernels"))
 NAME = "nanopd_kernels"
-MAX_PARTITION_SIZE = 512  # tokens per thread block of paged_decode when the grid is big enough
-MIN_PARTITION_SIZE = 64   # one 16-token tile per warp
+MIN_CHUNK = 256   # tokens: paged_decode splits no sequence into chunks shorter than this
+MAX_SPLITS = 64   # chunks per sequence at most (the kernel takes up to 256)
 
 _module: ModuleType | None = None
 _tried = False
@@ -59,21 +61,39 @@ def _ops() -> ModuleType:
     return module
 
 
+def _raise_on(error: str) -> None:
+    """The bindings return their error instead of throwing (csrc/binding_checks.h)."""
+    if error:
+        raise RuntimeError(error)
+
+
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int,
-                          device: torch.device) -> int:
-    """Tokens per thread block: 512, halved (to 64) while the grid gives < 4 blocks per SM."""
-    target = 4 * _num_sms(device.index if device.index is not None else 0)
-    size = MAX_PARTITION_SIZE
-    while size > MIN_PARTITION_SIZE:
-        if num_seqs * num_kv_heads * -(-max_context_len // size) >= target:
-            break
-        size //= 2
-    return size
+def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Chunks per sequence for paged_decode's grid: enough thread blocks for one full wave
+    (2 per SM) when every context is long. It depends on the batch only, never on context
+    lengths, so one captured CUDA graph serves every step of its batch size; short contexts
+    use fewer chunks (at least MIN_CHUNK tokens each) and their spare blocks exit at once."""
+    target = 2 * _num_sms(device.index if device.index is not None else 0)
+    pairs = max(1, num_seqs * num_kv_heads)
+    return max(1, min(MAX_SPLITS, -(-target // pairs)))
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(num: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 semaphores of paged_decode's split combine; the kernel leaves them zero.
+    Kept per device and grown, never shrunk (allocate the largest batch before capturing
+    CUDA graphs)."""
+    c = _counters.get(device)
+    if c is None or c.numel() < num:
+        c = torch.zeros(max(num, 4096), dtype=torch.int32, device=device)
+        _counters[device] = c
+    return c
 
 
 def decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -86,23 +106,22 @@ def decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float, *, max_context_len: int | None = None,
-    partition_size: int | None = None, out: torch.Tensor | None = None,
+    context_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
+    min_chunk: int = MIN_CHUNK, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: one query `[num_seqs, num_heads, head_dim]` per sequence over its
-    `context_lens[i]` cached tokens; returns `out` of q's shape.
+    `context_lens[i]` cached tokens (0: a zero output); returns `out` of q's shape.
 
     k_cache/v_cache `[num_blocks, block_size, num_kv_heads, head_dim]` (a layer's view of the
-    pool), block_tables int32 `[num_seqs, max_blocks]`, context_lens int32 `[num_seqs]`;
-    fp16/bf16, head_dim 64 or 128, block_size a multiple of 16, up to 16 query heads per KV
-    head. `max_context_len` (>= every context length; read from context_lens, a device sync,
-    when not given) sizes the grid; a sequence longer than it gets NaN. Torch reference:
-    `paged_decode_reference` below, the decode branch of `ops.attention.paged_attention`.
+    pool), block_tables int32 `[>= num_seqs, max_blocks]`, context_lens int32
+    `[>= num_seqs]`; fp16/bf16, head_dim 64 or 128, block_size a multiple of 16, up to 16
+    query heads per KV head. Each context is cut on the device into at most `num_splits`
+    equal chunks (default `choose_num_splits`) of at least `min_chunk` tokens (a multiple of
+    64). Nothing here reads a device value or depends on a context length: safe to capture
+    in a CUDA graph. Torch reference: `paged_decode_reference` (ops.attention).
     """
     ops = _ops()
     if not decode_supported(q, k_cache):
-        # checked here too: the extension crashed (SIGSEGV) instead of raising for head_dim
-        # 80 on the first device run (2026-11-28); the C++ cause is still open
         raise RuntimeError(
             f"paged_decode is not built for q {tuple(q.shape)} {q.dtype} over k_cache "
             f"{tuple(k_cache.shape)}: head_dim must be 64 or 128, block_size a multiple of "
@@ -112,21 +131,21 @@ def paged_decode(
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    if max_context_len is None:
-        max_context_len = int(context_lens.max())
-    if partition_size is None:
-        partition_size = choose_partition_size(num_seqs, k_cache.shape[2], max_context_len,
-                                               q.device)
-    max_partitions = max(1, -(-max_context_len // partition_size))
+    num_kv_heads = k_cache.shape[2]
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, q.device)
     f32 = {"dtype": torch.float32, "device": q.device}
-    if max_partitions > 1:
-        partial_out = torch.empty(num_seqs, num_heads, max_partitions, head_dim, **f32)
-        partial_max = torch.empty(num_seqs, num_heads, max_partitions, **f32)
+    if num_splits > 1:
+        partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
+        partial_max = torch.empty(num_seqs, num_heads, num_splits, **f32)
         partial_sum = torch.empty_like(partial_max)
+        counters = _split_counters(num_seqs * num_kv_heads, q.device)
     else:
         partial_out = partial_max = partial_sum = torch.empty(0, **f32)
-    ops.paged_decode(out, q, k_cache, v_cache, block_tables, context_lens, partial_out,
-                     partial_max, partial_sum, float(scale), int(partition_size))
+        counters = torch.empty(0, dtype=torch.int32, device=q.device)
+    _raise_on(ops.paged_decode(out, q, k_cache, v_cache, block_tables, context_lens,
+                               partial_out, partial_max, partial_sum, counters, float(scale),
+                               int(num_splits), int(min_chunk)))
     return out
 
 
@@ -149,7 +168,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     Torch reference: `ops.attention.store_kv` (index_copy_). Any dtype; head_dim * element
     size a multiple of 16 bytes; key/value may be strided views (e.g. of the fused qkv).
     """
-    _ops().store_kv(key, value, k_cache, v_cache, slot_mapping)
+    _raise_on(_ops().store_kv(key, value, k_cache, v_cache, slot_mapping))
 
 
 def _ids(ids: list[int] | torch.Tensor, num_blocks: int, name: str,
@@ -180,7 +199,7 @@ def copy_blocks(src_pool: torch.Tensor, dst_pool: torch.Tensor,
     dev = dst_pool.device
     src = _ids(src_ids, src_pool.shape[2], "src_ids", dev)
     dst = _ids(dst_ids, dst_pool.shape[2], "dst_ids", dev)
-    _ops().copy_blocks(src_pool, dst_pool, src, dst)
+    _raise_on(_ops().copy_blocks(src_pool, dst_pool, src, dst))
 
 
 def copy_blocks_reference(src_pool: torch.Tensor, dst_pool: torch.Tensor,
