@@ -1,4 +1,9 @@
-"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, SwiGLU."""
+"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, SwiGLU.
+
+On CUDA in fp16/bf16 with the kernels built, RMSNorm and SiluAndMul run the fused kernels of
+ops/fused_ops.py (`NANOPD_FUSED=0` turns them off); otherwise their torch references in
+ops/fused_reference.py, which are HF's arithmetic.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,15 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from services.worker.ops import fused_ops
+from services.worker.ops.fused_reference import (
+    fused_add_rms_norm_reference,
+    rms_norm_reference,
+    rotary_reference,
+    silu_and_mul_reference,
+)
 
 
 class RMSNorm(nn.Module):
@@ -16,17 +28,26 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x); with `residual`, the residual stream's add-then-norm:
+        `(RMSNorm(x + residual), x + residual)`, in place in x and residual on the fused path."""
+        fused = fused_ops.enabled(x) and fused_ops.norm_supported(x)
+        if residual is None:
+            if fused:
+                return fused_ops.rms_norm(x, self.weight, self.eps)
+            return rms_norm_reference(x, self.weight, self.eps)
+        if fused and fused_ops.norm_supported(residual):
+            return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return fused_add_rms_norm_reference(x, residual, self.weight, self.eps)
 
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        if fused_ops.enabled(x) and fused_ops.silu_supported(x):
+            return fused_ops.silu_and_mul(x)
+        return silu_and_mul_reference(x)
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -69,12 +90,6 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q `[T, H, D]`, k `[T, KVH, D]` rotated by their positions `[T]`."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+        """q `[T, H, D]`, k `[T, KVH, D]` rotated by their positions `[T]` (the torch path;
+        on the fused path Attention calls fused_ops.rotary_store_kv with these tables)."""
+        return rotary_reference(positions, q, k, self.cos, self.sin)

@@ -2,6 +2,8 @@
 
 One module covers the three: Qwen2 adds QKV bias, Qwen3 adds per-head RMSNorm on q and k.
 Projections are fused (q|k|v and gate|up); the loader maps checkpoint names into them.
+Layers pass the residual stream along beside the hidden states (vLLM's form), so that each
+norm is one fused add-and-norm kernel on the GPU (ops/fused_ops.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from torch import nn
 from services.worker.models.config import ModelConfig
 from services.worker.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from services.worker.ops import attention as attn_ops
+from services.worker.ops import fused_ops
 from services.worker.ops.attn_metadata import AttnMetadata
+from services.worker.ops.fused_reference import split_qkv
 
 
 class Attention(nn.Module):
@@ -38,14 +42,21 @@ class Attention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        attn_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if fused_ops.enabled(qkv) and fused_ops.rotary_supported(qkv, self.head_dim):
+            # one kernel: q/k norm, rotary in place in qkv, k and v into their slots
+            norms = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+                     if self.qk_norm else (None, None, 0.0))
+            fused_ops.rotary_store_kv(
+                qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads,
+                self.num_kv_heads, self.head_dim, self.k_cache, self.v_cache,
+                meta.slot_mapping, *norms)
+            q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
+        else:
+            q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
+            attn_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = attn_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o.flatten(1))
 
@@ -70,10 +81,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, h: torch.Tensor, meta: AttnMetadata
-    ) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+        meta: AttnMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) in, (h, residual) out, where the layer's input is h + residual
+        (residual None: the first layer, whose input is h). The sums are today's
+        `h + attn(norm(h))` and `h + mlp(norm(h))` with the same roundings."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -90,9 +110,10 @@ class Backbone(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            h = layer(positions, h, meta)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, meta)
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
 
 class CausalLM(nn.Module):
