@@ -23,22 +23,21 @@ DTYPES = (torch.float16, torch.bfloat16)
 MAX_NORM_HIDDEN = 32768  # NANOPD_RMS_NORM_MAX_HIDDEN in csrc/fused_kernels.h
 ROTARY_HEAD_DIMS = (16, 32, 64, 128, 256, 512)
 _FUNCTIONS = ("rms_norm", "fused_add_rms_norm", "rotary_store_kv", "silu_and_mul")
-_warned_stale = False
+_has_functions: bool | None = None  # of the loaded extension, once known
 
 
 def _built() -> bool:
     """The extension is loaded and has the fused kernels (an older build may not)."""
-    global _warned_stale
+    global _has_functions
     ops = cuda_ops.load()
     if ops is None:
         return False
-    if all(hasattr(ops, f) for f in _FUNCTIONS):
-        return True
-    if not _warned_stale:
-        log.warning("the nanopd kernels were built before csrc/fused.cu; run `make kernels` "
-                    "for the fused layer kernels (using the torch path meanwhile)")
-        _warned_stale = True
-    return False
+    if _has_functions is None:
+        _has_functions = all(hasattr(ops, f) for f in _FUNCTIONS)
+        if not _has_functions:
+            log.warning("the nanopd kernels were built before csrc/fused.cu; run `make "
+                        "kernels` for the fused layer kernels (the torch path meanwhile)")
+    return _has_functions
 
 
 def enabled(x: torch.Tensor) -> bool:
