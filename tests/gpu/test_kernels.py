@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from services.worker.ops import cuda_ops
-from services.worker.ops.attention import gather_kv
-from services.worker.ops.attention import store_kv as store_kv_reference
+from services.worker.ops.attention import gather_kv, store_kv_reference
 
 pytestmark = pytest.mark.skipif(cuda_ops.load() is None,
                                 reason="kernels not built (make kernels) or no CUDA")

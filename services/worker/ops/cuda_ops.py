@@ -165,8 +165,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     """Write `[num_tokens, num_kv_heads, head_dim]` keys/values into their cache slots
     (int64 `slot_mapping`, slot = block * block_size + offset; a negative slot is skipped).
 
-    Torch reference: `ops.attention.store_kv` (index_copy_). Any dtype; head_dim * element
-    size a multiple of 16 bytes; key/value may be strided views (e.g. of the fused qkv).
+    Torch reference: `ops.attention.store_kv_reference` (index_copy_). Any dtype; head_dim *
+    element size a multiple of 16 bytes; key/value may be strided views (of the fused qkv).
     """
     _raise_on(_ops().store_kv(key, value, k_cache, v_cache, slot_mapping))
 
