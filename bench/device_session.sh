@@ -9,6 +9,8 @@
 #   profile    ncu on paged_decode, batch 64 at 8k context (PROFILE_CONTEXTS)
 #   kernels    bench/kernels.py (with a chunk-count sweep), then each built variant
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
+#   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
+#   mesh       bench/mesh_gpu.py: the whole mesh as processes on the GPU(s) (carry .whl, .tok)
 #   offline    bench/offline_throughput.py with the HF baseline
 #   quick      bench/offline_throughput.py without it
 # The device returns at most 8 files: logs and JSON are collected in $OUT/session.tar.gz
@@ -84,6 +86,14 @@ for phase in "$@"; do
       done ;;
     decode)
       step decode_step 330 python3 bench/decode_step.py --out "$WORK/decode_step.json" ;;
+    prefill)
+      step prefill_attention 120 python3 bench/prefill_attention.py \
+        --out "$WORK/prefill_attention.json" ;;
+    mesh)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl > "$WORK/pip.log" 2>&1
+      step mesh_gpu 420 env PYTHONPATH="$PYTHONPATH:/tmp/site" python3 bench/mesh_gpu.py \
+        --tokenizer .tok --out "$WORK/mesh_gpu.json" ;;
     offline)
       step offline 420 python3 bench/offline_throughput.py --hf-num-seqs 64 \
         --hf-batch-size 32 --out "$WORK/offline_throughput_qwen3-0.6b.json" ;;

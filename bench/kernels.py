@@ -124,7 +124,8 @@ def bench_row(args: argparse.Namespace, timer: Timer, batch: int, context: int,
               copy_gbps: float) -> dict:
     q, k_cache, v_cache, tables, lens, meta = make_case(args, batch, context)
     scale = args.head_dim**-0.5
-    splits = args.num_splits or cuda_ops.choose_num_splits(batch, args.num_kv_heads, q.device)
+    splits = args.num_splits or cuda_ops.choose_num_splits(batch, args.num_kv_heads, q.device,
+                                                           args.head_dim)
 
     def ours_fn(n: int = splits):
         return lambda: cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, scale,

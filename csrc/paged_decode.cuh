@@ -8,14 +8,19 @@
 //   O[rows, D]        += P[rows, 16] V     (D/8 n-tiles of 8 dims, one k-step)
 // and S's accumulator fragment is P's operand fragment as it stands.
 // Every K and V byte is read from global memory once per group, 16 bytes at a time, by cp.async
-// into a per-warp ring of kStages tiles (two tiles in flight while one is computed). The order
-// of head_dim inside an mma is free (a dot product does not care; the output columns are ours
-// to name), so each thread fetches 8 consecutive dims of a row and the fragment slots are
-// assigned to fit those loads, not the other way round:
-//   K: thread (g = lane / 4, t = lane % 4) loads token g (and 8 + g), dims 8t + 32c .. +7;
-//      registers x, y feed k-step 2c and z, w k-step 2c + 1. Q is loaded the same way.
-//   V: it loads tokens 2t, 2t + 1, 2t + 8, 2t + 9, dims 8g + 64h .. +7; byte permutes pair
-//      the two tokens of one dim into a B register. n-tile j <-> dims 64 (j / 8) + 8 n + j % 8.
+// into a per-warp ring of kStages tiles (two tiles in flight while one is computed), and every
+// warp load instruction reads whole 128-byte lines (fewer, fuller L2 requests: the first
+// version, whose K loads took half lines, was bound by the L2's request rate at 0.58 of the
+// copy bandwidth). The order of head_dim inside an mma is free (a dot product does not care;
+// the output columns are ours to name), so fragment slots are assigned to fit the loads:
+//   K: thread (g = lane / 4, t = lane % 4) consumes token g (and 8 + g), dims 8t + 32c .. +7;
+//      registers x, y feed k-step 2c and z, w k-step 2c + 1. Q is loaded the same way. The
+//      warp loads K rows whole (a 256-byte row per 16 lanes) into a row-major tile whose 16-byte
+//      pieces are XOR-swizzled by row parity, so that the fragment reads are conflict-free;
+//      a __syncwarp orders the lanes' copies and reads.
+//   V: each lane loads what it consumes (tokens 2t, 2t + 1, 2t + 8, 2t + 9, dims 8g + 64h ..
+//      +7: four full lines per instruction) into its own slots; byte permutes pair the two
+//      tokens of one dim into a B register. n-tile j <-> dims 64 (j / 8) + 8 n + j % 8.
 #pragma once
 
 #include <stdint.h>
@@ -181,14 +186,21 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Each lane copies its own fragment pieces of a tile into its own shared-memory slots
   // (cp.async, no registers held while in flight) and later reads back only those: no
   // barrier, no bank conflicts. Rows past the context are zero-filled, not read.
-  uint4* ring = smem + warp * (kStages * PIECES * 32) + lane;
+  uint4* ring = smem + warp * (kStages * PIECES * 32);  // stage i: ring + i * PIECES * 32
   const T* kbase = static_cast<const T*>(p.k_cache) + kv_head * p.k_stride_head;
   const T* vbase = static_cast<const T*>(p.v_cache) + kv_head * p.v_stride_head;
   const int32_t* table = p.block_tables + seq * p.block_tables_stride;
   const int vrow[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
-  int k_off[2], v_off[4];  // element offsets inside a tile (a block is far below 2^31)
-#pragma unroll
-  for (int n = 0; n < 2; ++n) k_off[n] = (8 * n + g) * (int)p.k_stride_slot + 8 * t;
+  // K tile in shared memory: [16 rows][RP pieces], piece q of row r at r * RP + (q ^ 4 (r & 1))
+  constexpr int RP = HEAD_DIM / 8;          // 16-byte pieces per K row
+  constexpr int RPI = 32 / RP;              // rows per warp load instruction
+  constexpr int KI = kTile / RPI;           // K load instructions per tile (= 2 * KC)
+  const int k_row = lane / RP;              // this lane's row (+ RPI * i) and piece of a load
+  const int k_off = k_row * (int)p.k_stride_slot + 8 * (lane % RP);
+  const int k_dst = lane ^ ((k_row & 1) << 2);       // its swizzled slot (+ 32 * i)
+  const int k_src_row[2] = {g * RP, (8 + g) * RP};   // rows this lane consumes, then pieces
+  const int k_swz = (g & 1) << 2;                    // t + 4c, swizzled: t + (4c ^ k_swz)
+  int v_off[4];  // element offsets inside a tile (a block is far below 2^31)
 #pragma unroll
   for (int i = 0; i < 4; ++i) v_off[i] = vrow[i] * (int)p.v_stride_slot + 8 * g;
   constexpr int kStride = kWarps * kTile;   // tokens between a warp's consecutive tiles
@@ -208,15 +220,15 @@ __global__ void __launch_bounds__(kWarps * 32)
       const T* vt = vbase + block * p.v_stride_block + off * (int)p.v_stride_slot;
       uint4* st = ring + (i % kStages) * PIECES * 32;
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int c = 0; c < KC; ++c)
-          cp_async16(st + (n * KC + c) * 32, kt + k_off[n] + 32 * c, t0 + 8 * n + g < ctx);
+      for (int k = 0; k < KI; ++k)
+        cp_async16(st + 32 * k + k_dst, kt + k_off + RPI * k * (int)p.k_stride_slot,
+                   t0 + RPI * k + k_row < ctx);
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
         for (int h = 0; h < VC; ++h)
-          cp_async16(st + (2 * KC + r * VC + h) * 32, vt + v_off[r] + 64 * h, t0 + vrow[r] < ctx);
+          cp_async16(st + (2 * KC + r * VC + h) * 32 + lane, vt + v_off[r] + 64 * h,
+                     t0 + vrow[r] < ctx);
     }
     cp_async_commit();  // possibly empty: keeps one group per tile index
   };
@@ -233,8 +245,10 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) issue(i);
   for (int i = 0; i < num_tiles; ++i) {
-    issue(i + kStages - 1);  // into the stage tile i - 1 used: its reads are done
-    cp_async_wait<kStages - 1>();  // tile i has landed
+    __syncwarp();  // every lane is done reading the stage that tile i - 1 used
+    issue(i + kStages - 1);  // into that stage
+    cp_async_wait<kStages - 1>();  // this lane's copies of tile i have landed
+    __syncwarp();                  // and every other lane's (K rows are shared)
     const int t0 = first + i * kStride;
     const uint4* st = ring + (i % kStages) * PIECES * 32;
 
@@ -245,7 +259,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
       for (int c = 0; c < KC; ++c) {
-        const uint4 qa = qf[0][c], qb = qf[RH - 1][c], k = st[(n * KC + c) * 32];
+        const uint4 qa = qf[0][c], qb = qf[RH - 1][c];
+        const uint4 k = st[k_src_row[n] + t + ((4 * c) ^ k_swz)];
         mma16816<T>(s[n], qa.x, RH > 1 ? qb.x : 0u, qa.y, RH > 1 ? qb.y : 0u, k.x, k.y);
         mma16816<T>(s[n], qa.z, RH > 1 ? qb.z : 0u, qa.w, RH > 1 ? qb.w : 0u, k.z, k.w);
       }
@@ -286,8 +301,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     // O += P V (V rows past the context were zero-filled: 0 * garbage NaN cannot happen)
 #pragma unroll
     for (int h = 0; h < VC; ++h) {
-      const uint4 v0 = st[(2 * KC + 0 * VC + h) * 32], v1 = st[(2 * KC + 1 * VC + h) * 32];
-      const uint4 v2 = st[(2 * KC + 2 * VC + h) * 32], v3 = st[(2 * KC + 3 * VC + h) * 32];
+      const uint4* sv = st + 2 * KC * 32 + lane;
+      const uint4 v0 = sv[(0 * VC + h) * 32], v1 = sv[(1 * VC + h) * 32];
+      const uint4 v2 = sv[(2 * VC + h) * 32], v3 = sv[(3 * VC + h) * 32];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int j = 8 * h + e;

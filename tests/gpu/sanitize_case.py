@@ -26,10 +26,11 @@ def main() -> None:
     lens = [1, 17, 300, 1100]
     for dtype in (torch.bfloat16, torch.float16):
         for head_dim, group in ((64, 6), (128, 12)):
-            k = torch.randn(80, 16, 2, head_dim, device="cuda", generator=g).to(dtype)
-            v = torch.randn(80, 16, 2, head_dim, device="cuda", generator=g).to(dtype)
-            tables = torch.randperm(80, device="cuda", generator=g)[:4 * 20].view(4, 20)
-            tables = tables.to(torch.int32).contiguous()
+            k = torch.randn(300, 16, 2, head_dim, device="cuda", generator=g).to(dtype)
+            v = torch.randn(300, 16, 2, head_dim, device="cuda", generator=g).to(dtype)
+            width = -(-max(lens) // 16)  # blocks of the longest context
+            tables = torch.randperm(300, device="cuda", generator=g)[:4 * width]
+            tables = tables.view(4, width).to(torch.int32).contiguous()
             q = torch.randn(4, 2 * group, head_dim, device="cuda", generator=g).to(dtype)
             ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
             for splits in (1, 5):
