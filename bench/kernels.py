@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     p.add_argument("--reps", type=int, default=30, help="timed calls; the median is reported")
     p.add_argument("--no-build", action="store_true", help="use build/kernels as it is")
+    p.add_argument("--contiguous-blocks", action="store_true",
+                   help="block tables in pool order (each sequence's KV contiguous) instead "
+                        "of scattered at random: isolates DRAM locality")
     p.add_argument("--ours-only", action="store_true",
                    help="time our kernel only (tuning builds, profiler runs)")
     p.add_argument("--out", help="also write the results here as JSON")
@@ -103,7 +106,8 @@ def make_case(args: argparse.Namespace, batch: int, context: int, seed: int = 0)
     g = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = -(-context // bs)
     num_blocks = batch * blocks_per_seq
-    tables = torch.randperm(num_blocks, device="cuda", generator=g).to(torch.int32)
+    tables = (torch.arange(num_blocks, device="cuda") if args.contiguous_blocks else
+              torch.randperm(num_blocks, device="cuda", generator=g)).to(torch.int32)
     tables = tables.view(batch, blocks_per_seq)
     k_cache = torch.randn(num_blocks, bs, kvh, d, device="cuda", generator=g).to(dtype)
     v_cache = torch.randn(num_blocks, bs, kvh, d, device="cuda", generator=g).to(dtype)
