@@ -60,3 +60,22 @@ def test_error_row_does_not_count_as_a_result(tmp_path):
     r = run_child(tmp_path, 'out.write_text(json.dumps({"status": "running", '
                             '"rows": [{"error": "boom"}]})); sys.exit(1)')
     assert r["status"] == "failed"
+
+
+def test_sigterm_to_the_parent_kills_the_child_and_still_records(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    def term_once_the_child_runs() -> None:  # the child writes its JSON after it started
+        for _ in range(600):
+            if (tmp_path / "out" / "r.json").exists():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=term_once_the_child_runs, daemon=True).start()
+    r = run_child(tmp_path, "time.sleep(600)")
+    assert r["child"]["terminated"] and "SIGTERM" in r["error"]
+    assert r["status"] == "partial"
