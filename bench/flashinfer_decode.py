@@ -26,7 +26,7 @@ stage and row, and how the child ended is recorded in it; the exit status is 0 e
 from __future__ import annotations
 
 import argparse
-import datetime
+import ctypes
 import importlib.util
 import inspect
 import itertools
@@ -38,7 +38,7 @@ import time
 import traceback
 from pathlib import Path
 
-from guarded import run_guarded, write_json  # bench/ is this script's folder
+from guarded import Progress, run_guarded, short_error  # bench/: this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 FI_DIR = ROOT / ".fi"
@@ -67,11 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def short_error(e: BaseException) -> str:
-    lines = str(e).strip().splitlines() or [""]
-    return f"{type(e).__name__}: {' | '.join(lines[:3])[:600]}"
-
-
 def supervise(args: argparse.Namespace) -> None:
     out = Path(args.out)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *sys.argv[1:]]
@@ -83,42 +78,6 @@ def supervise(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- worker
-
-
-class Run:
-    """The result being built; every update is written to disk at once."""
-
-    def __init__(self, path: Path, args: argparse.Namespace):
-        self.path = path
-        self.result: dict = {
-            "bench": "flashinfer_decode", "date": datetime.date.today().isoformat(),
-            "status": "running", "stage": "start", "stages": [], "rows": [],
-            "args": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
-        }
-        self.save()
-
-    def save(self) -> None:
-        write_json(self.path, self.result)
-
-    def stage(self, name: str, fn, *a):
-        """Run one stage; on failure record it and re-raise."""
-        self.result["stage"] = name
-        self.save()
-        print(f"[flashinfer_decode] {name} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            value = fn(*a)
-        except BaseException as e:
-            self.result["stages"].append({"stage": name, "ok": False, "error": short_error(e),
-                                          "s": round(time.perf_counter() - t0, 2)})
-            self.result.update(status="failed", error=f"{name}: {short_error(e)}")
-            self.result["traceback"] = traceback.format_exc()[-3000:]
-            self.save()
-            raise
-        self.result["stages"].append({"stage": name, "ok": True,
-                                      "s": round(time.perf_counter() - t0, 2)})
-        self.save()
-        return value
 
 
 def load_kernels_module():
@@ -155,6 +114,24 @@ def import_tvm_ffi(fi_dir: Path) -> str:
         sys.path.insert(0, str(site))
         import tvm_ffi
     return f"{tvm_ffi.__version__} from {Path(tvm_ffi.__file__).parent}"
+
+
+def ensure_cudart() -> str:
+    """The prebuilt modules need libcudart.so.13 (DT_NEEDED, no rpath): the one torch loaded."""
+    def loaded() -> list[str]:
+        maps = Path("/proc/self/maps").read_text()
+        return sorted({ln.split()[-1] for ln in maps.splitlines() if "libcudart.so" in ln})
+
+    if not loaded():
+        import torch
+        for cand in ["libcudart.so.13", *map(str, Path(torch.__file__).parents[1].glob(
+                "nvidia/*/lib/libcudart.so.13")), "/usr/local/cuda/lib64/libcudart.so.13"]:
+            try:
+                ctypes.CDLL(cand, mode=ctypes.RTLD_GLOBAL)
+                break
+            except OSError:
+                continue
+    return ", ".join(loaded()) or "none loaded"
 
 
 def import_flashinfer(fi_dir: Path):
@@ -243,7 +220,7 @@ VARIANTS = {  # name: BatchDecodeWithPagedKVCacheWrapper keyword arguments
 }
 
 
-def setup(run: Run, args: argparse.Namespace) -> dict:
+def setup(run: Progress, args: argparse.Namespace) -> dict:
     import torch
     r, fi_dir = run.result, Path(args.fi_dir)
     r["torch"] = torch.__version__
@@ -251,6 +228,8 @@ def setup(run: Run, args: argparse.Namespace) -> dict:
     r["device"] = torch.cuda.get_device_name()
     kernels = load_kernels_module()
     r["timer_sleeps_before_call"] = "_sleep" in inspect.getsource(kernels.Timer.median_s)
+    torch.zeros(1, device="cuda")  # CUDA initialised: torch's libcudart is loaded
+    r["cudart"] = ensure_cudart()
     r["tvm_ffi"] = run.stage("import tvm_ffi", import_tvm_ffi, fi_dir)
     flashinfer, wrapper_cls = run.stage("import flashinfer", import_flashinfer, fi_dir)
     r["flashinfer"] = f"{flashinfer.__version__} from {Path(flashinfer.__file__).parent}"
@@ -263,7 +242,7 @@ def setup(run: Run, args: argparse.Namespace) -> dict:
     return {"kernels": kernels, "timer": timer, "wrapper_cls": wrapper_cls}
 
 
-def run_variant(run: Run, args: argparse.Namespace, env: dict, variant: str) -> None:
+def run_variant(run: Progress, args: argparse.Namespace, env: dict, variant: str) -> None:
     import torch
     workspace = torch.zeros(args.workspace_mb * 2**20, dtype=torch.uint8, device="cuda")
     try:
@@ -306,7 +285,8 @@ def run_variant(run: Run, args: argparse.Namespace, env: dict, variant: str) -> 
 
 
 def work(args: argparse.Namespace) -> None:
-    run = Run(Path(args.out), args)
+    run = Progress(Path(args.out), "flashinfer_decode",
+                   {k: v for k, v in vars(args).items() if k not in ("out", "worker")})
     r = run.result
     try:
         env = setup(run, args)

@@ -1,16 +1,17 @@
 """Run a benchmark child that may crash or hang, and always end with a JSON result.
 
-The child writes its JSON to `out` as it goes (status "running" until it finishes, one entry
-in "rows" per measurement, a row that failed has an "error" key). The parent streams the
-child's output, kills the child's whole process group after `timeout_s`, and then records in
-that JSON how the child ended: exit code, signal, timeout and the last lines of its output.
-A SIGTERM to the parent (an outer `timeout`) kills the child the same way before it records.
-Needs no torch, so it survives whatever the child's imports do.
+The child writes its JSON to `out` as it goes, through Progress (status "running" until it
+finishes, one entry in "rows" per measurement, a row that failed has an "error" key). The
+parent (run_guarded) streams the child's output, kills the child's whole process group after
+`timeout_s` or on its own SIGTERM (an outer `timeout`), and then records in that JSON how the
+child ended: exit code, signal, timeout and the last lines of its output. The parent needs no
+torch, so it survives whatever the child's imports do.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import os
 import signal
@@ -18,7 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class _Terminated(Exception):
@@ -27,6 +31,46 @@ class _Terminated(Exception):
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
+
+
+def short_error(e: BaseException) -> str:
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {' | '.join(lines[:3])[:600]}"
+
+
+class Progress:
+    """The child's side: the result being built, written to disk after every update."""
+
+    def __init__(self, path: Path, bench: str, args: dict):
+        self.path = path
+        self.result: dict = {
+            "bench": bench, "date": datetime.date.today().isoformat(), "status": "running",
+            "stage": "start", "stages": [], "rows": [], "args": args,
+        }
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.result)
+
+    def stage(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) as one named stage; on failure record it and re-raise."""
+        self.result["stage"] = name
+        self.save()
+        print(f"[{self.result['bench']}] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            value = fn(*args)
+        except BaseException as e:
+            self.result["stages"].append({"stage": name, "ok": False, "error": short_error(e),
+                                          "s": round(time.perf_counter() - t0, 2)})
+            self.result.update(status="failed", error=f"{name}: {short_error(e)}")
+            self.result["traceback"] = traceback.format_exc()[-3000:]
+            self.save()
+            raise
+        self.result["stages"].append({"stage": name, "ok": True,
+                                      "s": round(time.perf_counter() - t0, 2)})
+        self.save()
+        return value
 
 
 def write_json(path: Path, result: dict) -> None:

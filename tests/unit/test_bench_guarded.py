@@ -79,3 +79,16 @@ def test_sigterm_to_the_parent_kills_the_child_and_still_records(tmp_path):
     r = run_child(tmp_path, "time.sleep(600)")
     assert r["child"]["terminated"] and "SIGTERM" in r["error"]
     assert r["status"] == "partial"
+
+
+def test_progress_records_a_failed_stage_and_reraises(tmp_path):
+    import pytest
+
+    p = guarded.Progress(tmp_path / "r.json", "t", {"a": 1})
+    assert p.stage("first", lambda x: x + 1, 1) == 2
+    with pytest.raises(ValueError):
+        p.stage("second", lambda: int("not a number"))
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert [s["ok"] for s in r["stages"]] == [True, False]
+    assert r["status"] == "failed" and r["stage"] == "second"
+    assert r["error"].startswith("second: ValueError") and r["args"] == {"a": 1}
