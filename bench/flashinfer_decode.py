@@ -222,7 +222,7 @@ VARIANTS = {  # name: BatchDecodeWithPagedKVCacheWrapper keyword arguments
 
 def setup(run: Progress, args: argparse.Namespace) -> dict:
     import torch
-    r, fi_dir = run.result, Path(args.fi_dir)
+    r, fi_dir = run.result, Path(args.fi_dir).resolve()
     r["torch"] = torch.__version__
     run.stage("cuda", require_cuda, torch)
     r["device"] = torch.cuda.get_device_name()
