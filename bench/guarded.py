@@ -11,6 +11,7 @@ torch, so it survives whatever the child's imports do.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -104,7 +105,8 @@ def run_guarded(cmd: list[str], out: Path, timeout_s: float, bench: str) -> dict
         rc = proc.wait(timeout=timeout_s)
     except (subprocess.TimeoutExpired, _Terminated) as e:
         timed_out, terminated = True, isinstance(e, _Terminated)
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started (compilers)
+        with contextlib.suppress(ProcessLookupError):  # it may have just ended by itself
+            os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started (compilers)
         rc = proc.wait(timeout=30)
     finally:
         signal.signal(signal.SIGTERM, previous)
