@@ -106,7 +106,8 @@ def make_case(args: argparse.Namespace, batch: int, context: int, seed: int = 0)
     g = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = -(-context // bs)
     num_blocks = batch * blocks_per_seq
-    tables = (torch.arange(num_blocks, device="cuda") if args.contiguous_blocks else
+    in_order = getattr(args, "contiguous_blocks", False)  # other benches pass their own args
+    tables = (torch.arange(num_blocks, device="cuda") if in_order else
               torch.randperm(num_blocks, device="cuda", generator=g)).to(torch.int32)
     tables = tables.view(batch, blocks_per_seq)
     k_cache = torch.randn(num_blocks, bs, kvh, d, device="cuda", generator=g).to(dtype)
