@@ -10,6 +10,7 @@
 #   kernels    bench/kernels.py (with a chunk-count sweep), then each built variant
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
 #   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
+#   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi)
 #   mesh       bench/mesh_gpu.py: the whole mesh as processes on the GPU(s) (carry .whl, .tok)
 #   offline    bench/offline_throughput.py with the HF baseline
 #   quick      bench/offline_throughput.py without it
@@ -89,6 +90,8 @@ for phase in "$@"; do
     prefill)
       step prefill_attention 120 python3 bench/prefill_attention.py \
         --out "$WORK/prefill_attention.json" ;;
+    flashinfer)
+      step flashinfer 300 python3 bench/flashinfer_decode.py --out "$WORK/flashinfer.json" ;;
     mesh)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl > "$WORK/pip.log" 2>&1
