@@ -1,32 +1,110 @@
 #!/usr/bin/env bash
-# One device call that builds, checks and times everything, writing logs and JSON to $OUT.
-#   bash bench/device_session.sh [quick]      (on the GPU machine, from the repo root)
+# One device call that builds, checks and times a set of things; everything lands in $OUT.
+#   bash bench/device_session.sh PHASE...      (on the GPU machine, from the repo root)
+# Phases (run in the order given):
+#   build      make kernels (+ the tuning variants of VARIANTS, built in the background)
+#   tests      the GPU test suite
+#   sanitize   compute-sanitizer memcheck and racecheck over every kernel (a small case)
+#   checks     tests and sanitize at the same time (neither is timed)
+#   profile    ncu on paged_decode, batch 64 at 8k context (PROFILE_CONTEXTS)
+#   kernels    bench/kernels.py (with a chunk-count sweep), then each built variant
+#   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
+#   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
+#   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi)
+#   mesh       bench/mesh_gpu.py: the whole mesh as processes on the GPU(s) (carry .whl, .tok)
+#   offline    bench/offline_throughput.py with the HF baseline
+#   quick      bench/offline_throughput.py without it
+# The device returns at most 8 files: logs and JSON are collected in $OUT/session.tar.gz
+# (rewritten after every step) and the step summaries in $OUT/summary.txt.
 # Steps are independent: one failing does not stop the next; each has a time limit.
-# 'quick' skips the HF baseline of the offline benchmark (about 2 minutes of the total).
 set -u
 OUT=${OUT:-out}
-mkdir -p "$OUT"
+WORK=/tmp/nanopd-session
+mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
-NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+VARIANTS=${VARIANTS:-"l2none:NANOPD_L2_PREFETCH=0 l2x256:NANOPD_L2_PREFETCH=256 w2s4:NANOPD_DECODE_WARPS=2,NANOPD_DECODE_STAGES=4"}
+
+collect() { tar -czf "$OUT/session.tar.gz" -C "$WORK" . 2>/dev/null; }
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name: rc $? in $((SECONDS - t0)) s (log $OUT/$name.log)"
-  tail -n 3 "$OUT/$name.log"
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc $rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+  tail -n 4 "$WORK/$name.log"
+  collect
 }
 
 { nvidia-smi -L; date -u; python3 -c "import torch; print('torch', torch.__version__)"; } \
-  | tee "$OUT/env.txt"
-step build 240 make kernels
-step gpu_tests 420 python3 -m pytest -q -rs tests/gpu
-step kernels 180 python3 bench/kernels.py --no-build --out "$OUT/kernels.json"
-hf=(--hf-num-seqs 64 --hf-batch-size 32)
-[ "${1:-}" = quick ] && hf=(--skip-hf)
-step offline 420 python3 bench/offline_throughput.py "${hf[@]}" \
-  --out "$OUT/offline_throughput_qwen3-0.6b.json"
-if [ "$NGPU" -ge 2 ]; then
-  step kv_transfer 240 python3 bench/kv_transfer.py --out "$OUT/kv_transfer.json"
-fi
+  | tee "$WORK/env.txt"
+
+for phase in "$@"; do
+  case $phase in
+    build)
+      step build 300 python3 csrc/build.py
+      for v in $VARIANTS; do
+        name=${v%%:*}; defs=${v#*:}
+        args=()
+        for d in ${defs//,/ }; do args+=(-D "$d"); done
+        (timeout 300 python3 csrc/build.py --variant "$name" "${args[@]}" \
+          > "$WORK/build_$name.log" 2>&1) &
+      done ;;
+    tests)
+      step gpu_tests 330 python3 -m pytest -q -rs tests/gpu ;;
+    checks)
+      step gpu_tests 330 python3 -m pytest -q -rs tests/gpu &
+      step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 tests/gpu/sanitize_case.py
+      step racecheck 200 compute-sanitizer --tool racecheck --error-exitcode 3 \
+        python3 tests/gpu/sanitize_case.py
+      wait ;;
+    sanitize)
+      step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 tests/gpu/sanitize_case.py
+      step racecheck 200 compute-sanitizer --tool racecheck --error-exitcode 3 \
+        python3 tests/gpu/sanitize_case.py ;;
+    profile)
+      for ctx in ${PROFILE_CONTEXTS:-8192}; do
+        step "ncu_64x$ctx" 120 ncu --clock-control none --kernel-name regex:paged_decode \
+          --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+          --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+          --section SchedulerStats --section LaunchStats \
+          python3 bench/kernels.py --no-build --ours-only --batches 64 --contexts "$ctx" \
+          --warmup 2 --reps 2
+      done ;;
+    kernels)
+      step kernels 200 python3 bench/kernels.py --no-build --splits-sweep 1,2,4,8,16,32,64 \
+        --min-chunk 64 --out "$WORK/kernels.json"
+      wait  # the variant builds (started by the build phase)
+      for v in $VARIANTS; do
+        name=${v%%:*}
+        [ -f "build/kernels-$name/nanopd_kernels.so" ] || { echo "no build of $name"; continue; }
+        step "kernels_$name" 90 env NANOPD_KERNELS_DIR="build/kernels-$name" \
+          python3 bench/kernels.py --no-build --ours-only --batches 1,32,64,128 \
+          --contexts 2048,8192 --splits-sweep 1,2,4,8 --out "$WORK/kernels_$name.json"
+      done ;;
+    decode)
+      step decode_step 330 python3 bench/decode_step.py --out "$WORK/decode_step.json" ;;
+    prefill)
+      step prefill_attention 120 python3 bench/prefill_attention.py \
+        --out "$WORK/prefill_attention.json" ;;
+    flashinfer)
+      step flashinfer 300 python3 bench/flashinfer_decode.py --out "$WORK/flashinfer.json" ;;
+    mesh)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl > "$WORK/pip.log" 2>&1
+      step mesh_gpu 420 env PYTHONPATH="$PYTHONPATH:/tmp/site" python3 bench/mesh_gpu.py \
+        --tokenizer .tok --out "$WORK/mesh_gpu.json" ;;
+    offline)
+      step offline 420 python3 bench/offline_throughput.py --hf-num-seqs 64 \
+        --hf-batch-size 32 --out "$WORK/offline_throughput_qwen3-0.6b.json" ;;
+    quick)
+      step offline 300 python3 bench/offline_throughput.py --skip-hf \
+        --out "$WORK/offline_throughput_qwen3-0.6b.json" ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+wait
+collect

@@ -9,7 +9,9 @@ Builds the kernels if needed (csrc/build.py), then for each batch x context:
     per call, its index built once per step as in the engine) and 'paged' where torch has it
 Every row is checked: ours against sdpa (max abs difference). Each time is the median of
 --reps single calls after --warmup, by CUDA events, with L2 flushed before each call (a
-layer's KV is not in L2 during a real decode step).
+layer's KV is not in L2 during a real decode step) and the GPU kept busy while the call is
+enqueued (a sleep kernel after the flush), so host-side overhead is not counted; --splits-sweep
+also times our kernel at each listed chunk count.
 
     python3 bench/kernels.py --out kernels.json
 """
@@ -45,12 +47,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128, help="head dim (64 or 128)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="dtype")
-    p.add_argument("--partition-size", type=int,
-                   help="force paged_decode's partition size (default: its own choice)")
+    p.add_argument("--num-splits", type=int,
+                   help="force paged_decode's chunks per sequence (default: its own choice)")
+    p.add_argument("--min-chunk", type=int, default=cuda_ops.MIN_CHUNK,
+                   help="paged_decode's shortest chunk in tokens (a multiple of 64)")
+    p.add_argument("--splits-sweep", default="",
+                   help="also time ours at these chunk counts, comma-separated (e.g. 1,2,4,8)")
     p.add_argument("--ref-nbytes", type=int, default=2**30, help="bytes of the copy reference")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     p.add_argument("--reps", type=int, default=30, help="timed calls; the median is reported")
     p.add_argument("--no-build", action="store_true", help="use build/kernels as it is")
+    p.add_argument("--contiguous-blocks", action="store_true",
+                   help="block tables in pool order (each sequence's KV contiguous) instead "
+                        "of scattered at random: isolates DRAM locality")
+    p.add_argument("--ours-only", action="store_true",
+                   help="time our kernel only (tuning builds, profiler runs)")
     p.add_argument("--out", help="also write the results here as JSON")
     return p.parse_args(argv)
 
@@ -66,6 +77,7 @@ class Timer:
         times = []
         for _ in range(self.reps):
             self.flush.zero_()
+            torch.cuda._sleep(100_000)  # ~50 us of GPU time: the call below queues up meanwhile
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -94,7 +106,9 @@ def make_case(args: argparse.Namespace, batch: int, context: int, seed: int = 0)
     g = torch.Generator(device="cuda").manual_seed(seed)
     blocks_per_seq = -(-context // bs)
     num_blocks = batch * blocks_per_seq
-    tables = torch.randperm(num_blocks, device="cuda", generator=g).to(torch.int32)
+    in_order = getattr(args, "contiguous_blocks", False)  # other benches pass their own args
+    tables = (torch.arange(num_blocks, device="cuda") if in_order else
+              torch.randperm(num_blocks, device="cuda", generator=g)).to(torch.int32)
     tables = tables.view(batch, blocks_per_seq)
     k_cache = torch.randn(num_blocks, bs, kvh, d, device="cuda", generator=g).to(dtype)
     v_cache = torch.randn(num_blocks, bs, kvh, d, device="cuda", generator=g).to(dtype)
@@ -115,19 +129,28 @@ def bench_row(args: argparse.Namespace, timer: Timer, batch: int, context: int,
               copy_gbps: float) -> dict:
     q, k_cache, v_cache, tables, lens, meta = make_case(args, batch, context)
     scale = args.head_dim**-0.5
-    kw = {"max_context_len": context, "partition_size": args.partition_size}
-    ours = cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, scale, **kw)
-    t_ours = timer.median_s(
-        lambda: cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, scale, **kw))
+    splits = args.num_splits or cuda_ops.choose_num_splits(batch, args.num_kv_heads, q.device,
+                                                           args.head_dim)
+
+    def ours_fn(n: int = splits):
+        return lambda: cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, scale,
+                                             num_splits=n, min_chunk=args.min_chunk)
+
+    ours = ours_fn()()
+    t_ours = timer.median_s(ours_fn())
     elem = q.element_size()
     nbytes = 2 * batch * context * args.num_kv_heads * args.head_dim * elem + 2 * q.nbytes
     row = {
-        "batch": batch, "context": context,
-        "partition_size": args.partition_size or cuda_ops.choose_partition_size(
-            batch, args.num_kv_heads, context, q.device),
+        "batch": batch, "context": context, "num_splits": splits, "min_chunk": args.min_chunk,
         "nbytes": nbytes, "ours_s": t_ours, "ours_GBps": nbytes / t_ours / 1e9,
         "ours_frac_of_copy": nbytes / t_ours / 1e9 / copy_gbps,
     }
+    if args.splits_sweep:
+        row["splits_sweep_s"] = {n: timer.median_s(ours_fn(n))
+                                 for n in (int(x) for x in args.splits_sweep.split(","))}
+    if args.ours_only:
+        row["check"] = True
+        return row
     # sdpa on contiguous K/V of the same data: [batch, kv_heads, context, head_dim]
     k = k_cache[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
     v = v_cache[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
@@ -163,17 +186,23 @@ def main() -> None:
     timer = Timer(args.warmup, args.reps)
     copy = copy_reference(args, timer)
     print(f"copy reference: {copy['GBps']:.1f} GB/s (read + write, {args.ref_nbytes} bytes)")
-    print(f"{'batch':>5} {'ctx':>6} {'part':>5} {'ours us':>9} {'GB/s':>7} {'of copy':>7} "
+    print(f"{'batch':>5} {'ctx':>6} {'split':>5} {'ours us':>9} {'GB/s':>7} {'of copy':>7} "
           f"{'sdpa us':>9} {'packed us':>9} {'paged us':>9} {'diff':>8}")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for context in [int(c) for c in args.contexts.split(",")]:
             r = bench_row(args, timer, batch, context, copy["GBps"])
             rows.append(r)
-            print(f"{batch:5d} {context:6d} {r['partition_size']:5d} {fmt(r['ours_s'])} "
-                  f"{r['ours_GBps']:7.1f} {r['ours_frac_of_copy']:7.2f} {fmt(r['sdpa_s'])} "
-                  f"{fmt(r['varlen_packed_s'])} {fmt(r['varlen_paged_s'])} "
-                  f"{r['max_abs_diff_vs_sdpa']:8.4f}{'' if r['check'] else '  CHECK FAILED'}")
+            diff = r.get("max_abs_diff_vs_sdpa")
+            print(f"{batch:5d} {context:6d} {r['num_splits']:5d} {fmt(r['ours_s'])} "
+                  f"{r['ours_GBps']:7.1f} {r['ours_frac_of_copy']:7.2f} "
+                  f"{fmt(r.get('sdpa_s'))} {fmt(r.get('varlen_packed_s'))} "
+                  f"{fmt(r.get('varlen_paged_s'))} "
+                  f"{diff if diff is None else f'{diff:8.4f}'}"
+                  f"{'' if r['check'] else '  CHECK FAILED'}")
+            if "splits_sweep_s" in r:
+                print("      splits: " + "  ".join(f"{n}:{t * 1e6:.1f}us"
+                                                 for n, t in r["splits_sweep_s"].items()))
             torch.cuda.empty_cache()
     result = {
         "bench": "kernels", "date": datetime.date.today().isoformat(),

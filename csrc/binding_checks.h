@@ -1,28 +1,42 @@
-// Argument checks for the torch bindings, without exceptions.
+// Argument checks for the torch bindings, without exceptions and without iostreams.
 //
 // A binding returns its error as a string ("" on success) and the Python wrapper
-// (services/worker/ops/cuda_ops.py) raises it. Nothing here throws: on the device
-// (2026-11-28) a failed TORCH_CHECK, i.e. a C++ exception leaving this extension, killed the
-// whole process with SIGSEGV instead of raising, and a worker must survive a bad argument.
+// (services/worker/ops/cuda_ops.py) raises it. On the device (torch 2.11+cu130, the image's
+// g++) a failed TORCH_CHECK killed the process with SIGSEGV (2026-11-28), and so did the first
+// version of this file, which threw nothing but built its messages with std::ostringstream
+// (2026-12-01): what the two share is iostream formatting inside the extension. So messages
+// are plain string concatenation (std::to_string, c10::toString), and nothing here throws.
 #pragma once
 
 #include <torch/extension.h>
 
-#include <sstream>
 #include <string>
+#include <type_traits>
 
 namespace nanopd {
+
+inline std::string text(const char* s) { return s; }
+inline std::string text(const std::string& s) { return s; }
+inline std::string text(at::ScalarType t) { return c10::toString(t); }
+inline std::string text(const at::Device& d) {
+  return d.is_cuda() ? "cuda:" + std::to_string(d.index()) : (d.is_cpu() ? "cpu" : "other");
+}
+inline std::string text(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+template <typename N, typename = std::enable_if_t<std::is_arithmetic_v<N>>>
+std::string text(N n) {
+  return std::to_string(n);
+}
 
 class Checks {
  public:
   // Records the first failed requirement; returns `ok` so callers can stop early.
   template <typename... Parts>
   bool require(bool ok, const Parts&... parts) {
-    if (!ok && error_.empty()) {
-      std::ostringstream s;
-      (s << ... << parts);
-      error_ = s.str();
-    }
+    if (!ok && error_.empty()) (error_ += ... += text(parts));
     return ok;
   }
 

@@ -9,10 +9,27 @@
 
 namespace nanopd {
 
-// 16 bytes global -> shared, asynchronous, L2 only; zeros instead when !valid (nothing read)
+#ifndef NANOPD_L2_PREFETCH  // bytes the L2 fetches around each cp.async miss: 0, 64, 128, 256
+#define NANOPD_L2_PREFETCH 128
+#endif
+#if NANOPD_L2_PREFETCH == 0
+#define NANOPD_CP_ASYNC "cp.async.cg.shared.global"
+#elif NANOPD_L2_PREFETCH == 64
+#define NANOPD_CP_ASYNC "cp.async.cg.shared.global.L2::64B"
+#elif NANOPD_L2_PREFETCH == 128
+#define NANOPD_CP_ASYNC "cp.async.cg.shared.global.L2::128B"
+#elif NANOPD_L2_PREFETCH == 256
+#define NANOPD_CP_ASYNC "cp.async.cg.shared.global.L2::256B"
+#else
+#error "NANOPD_L2_PREFETCH must be 0, 64, 128 or 256"
+#endif
+
+// 16 bytes global -> shared, asynchronous, L2 only; zeros instead when !valid (nothing read).
+// The L2 prefetch hint makes a miss fetch the whole line, whose other half the next load of
+// the same row wants (a warp's load reads 64 of each row's 256 bytes).
 __device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gmem_ptr, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+  asm volatile(NANOPD_CP_ASYNC " [%0], [%1], 16, %2;"
                :: "r"(dst), "l"(gmem_ptr), "r"(valid ? 16 : 0) : "memory");
 }
 

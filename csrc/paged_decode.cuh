@@ -8,14 +8,18 @@
 //   O[rows, D]        += P[rows, 16] V     (D/8 n-tiles of 8 dims, one k-step)
 // and S's accumulator fragment is P's operand fragment as it stands.
 // Every K and V byte is read from global memory once per group, 16 bytes at a time, by cp.async
-// into a per-warp ring of kStages tiles (two tiles in flight while one is computed). The order
-// of head_dim inside an mma is free (a dot product does not care; the output columns are ours
-// to name), so each thread fetches 8 consecutive dims of a row and the fragment slots are
-// assigned to fit those loads, not the other way round:
-//   K: thread (g = lane / 4, t = lane % 4) loads token g (and 8 + g), dims 8t + 32c .. +7;
-//      registers x, y feed k-step 2c and z, w k-step 2c + 1. Q is loaded the same way.
-//   V: it loads tokens 2t, 2t + 1, 2t + 8, 2t + 9, dims 8g + 64h .. +7; byte permutes pair
-//      the two tokens of one dim into a B register. n-tile j <-> dims 64 (j / 8) + 8 n + j % 8.
+// into a per-warp ring of kStages tiles (two tiles in flight while one is computed), and every
+// 8 consecutive lanes of a load instruction read one whole 128-byte line (the first version,
+// whose lanes each fetched their own fragments, made 1- and 2-sector L2 requests and was bound
+// by the L2 at 0.58 of the copy bandwidth, by ncu). The order of head_dim inside an mma is free (a dot product does not care;
+// the output columns are ours to name), so fragment slots are assigned to fit the loads:
+//   K: thread (g = lane / 4, t = lane % 4) consumes token g (and 8 + g), dims 8t + 32c .. +7;
+//      registers x, y feed k-step 2c and z, w k-step 2c + 1. Q is loaded the same way. The
+//      warp loads K rows whole into a row-major tile whose 16-byte pieces are XOR-swizzled,
+//      so that the fragment reads are conflict-free; a __syncwarp orders copies and reads.
+//   V: thread (g, t) consumes tokens 2t, 2t + 1, 2t + 8, 2t + 9, dims 8g + 64h .. +7, loaded
+//      the same way as K (whole rows, swizzled tile); byte permutes pair the two tokens of one
+//      dim into a B register. n-tile j <-> dims 64 (j / 8) + 8 n + j % 8.
 #pragma once
 
 #include <stdint.h>
@@ -178,19 +182,29 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // Each lane copies its own fragment pieces of a tile into its own shared-memory slots
-  // (cp.async, no registers held while in flight) and later reads back only those: no
-  // barrier, no bank conflicts. Rows past the context are zero-filled, not read.
-  uint4* ring = smem + warp * (kStages * PIECES * 32) + lane;
+  // A tile in shared memory: K then V, each [16 rows][RP 16-byte pieces], row-major, loaded
+  // whole rows at a time (each 8 consecutive lanes read 128 contiguous bytes: full-line L2
+  // requests) and swizzled so that the fragment reads below are conflict-free:
+  //   K: piece q of row r at r * RP + (q ^ 4 (r & 1))     (reads: rows g, 4 pieces t + 4c)
+  //   V: piece q of row r at r * RP + (q ^ 2 (r / 2 % 4)) (reads: rows 2t.., pieces g + 8h)
+  // Rows past the context are zero-filled, not read.
+  uint4* ring = smem + warp * (kStages * PIECES * 32);  // stage i: ring + i * PIECES * 32
   const T* kbase = static_cast<const T*>(p.k_cache) + kv_head * p.k_stride_head;
   const T* vbase = static_cast<const T*>(p.v_cache) + kv_head * p.v_stride_head;
   const int32_t* table = p.block_tables + seq * p.block_tables_stride;
-  const int vrow[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
-  int k_off[2], v_off[4];  // element offsets inside a tile (a block is far below 2^31)
-#pragma unroll
-  for (int n = 0; n < 2; ++n) k_off[n] = (8 * n + g) * (int)p.k_stride_slot + 8 * t;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v_off[i] = vrow[i] * (int)p.v_stride_slot + 8 * g;
+  constexpr int RP = HEAD_DIM / 8;          // 16-byte pieces per row
+  constexpr int RPI = 32 / RP;              // rows per warp load instruction
+  constexpr int LI = kTile / RPI;           // load instructions per tile, each of K and V
+  constexpr int VT = 2 * KC * 32;           // the V tile's first slot (K's has 16 * RP = VT)
+  static_assert(16 * RP == VT && VT + 16 * RP == PIECES * 32, "tile layout");
+  const int ld_row = lane / RP;             // this lane's row (+ RPI * k) and piece of a load
+  const int ld_piece = lane % RP;
+  const int k_off = ld_row * (int)p.k_stride_slot + 8 * ld_piece;
+  const int v_off = ld_row * (int)p.v_stride_slot + 8 * ld_piece;
+  const int k_dst = ld_row * RP + (ld_piece ^ ((ld_row & 1) << 2));  // + 32 k (RPI is even)
+  const int k_src_row[2] = {g * RP, (8 + g) * RP};   // K rows this lane consumes
+  const int k_swz = (g & 1) << 2;                    // its pieces t + 4c: t + (4c ^ k_swz)
+  const int vrow[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};  // V rows it consumes
   constexpr int kStride = kWarps * kTile;   // tokens between a warp's consecutive tiles
   const int first = begin + warp * kTile;  // this warp's tiles: first, first + kStride, ..
   const int num_tiles = first < end ? (end - first + kStride - 1) / kStride : 0;
@@ -208,15 +222,13 @@ __global__ void __launch_bounds__(kWarps * 32)
       const T* vt = vbase + block * p.v_stride_block + off * (int)p.v_stride_slot;
       uint4* st = ring + (i % kStages) * PIECES * 32;
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int c = 0; c < KC; ++c)
-          cp_async16(st + (n * KC + c) * 32, kt + k_off[n] + 32 * c, t0 + 8 * n + g < ctx);
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int h = 0; h < VC; ++h)
-          cp_async16(st + (2 * KC + r * VC + h) * 32, vt + v_off[r] + 64 * h, t0 + vrow[r] < ctx);
+      for (int k = 0; k < LI; ++k) {
+        const int row = RPI * k + ld_row;
+        const bool valid = t0 + row < ctx;
+        cp_async16(st + 32 * k + k_dst, kt + k_off + RPI * k * (int)p.k_stride_slot, valid);
+        cp_async16(st + VT + row * RP + (ld_piece ^ (((row >> 1) & 3) << 1)),
+                   vt + v_off + RPI * k * (int)p.v_stride_slot, valid);
+      }
     }
     cp_async_commit();  // possibly empty: keeps one group per tile index
   };
@@ -233,8 +245,10 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) issue(i);
   for (int i = 0; i < num_tiles; ++i) {
-    issue(i + kStages - 1);  // into the stage tile i - 1 used: its reads are done
-    cp_async_wait<kStages - 1>();  // tile i has landed
+    __syncwarp();  // every lane is done reading the stage that tile i - 1 used
+    issue(i + kStages - 1);  // into that stage
+    cp_async_wait<kStages - 1>();  // this lane's copies of tile i have landed
+    __syncwarp();                  // and every other lane's (K rows are shared)
     const int t0 = first + i * kStride;
     const uint4* st = ring + (i % kStages) * PIECES * 32;
 
@@ -245,7 +259,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
       for (int c = 0; c < KC; ++c) {
-        const uint4 qa = qf[0][c], qb = qf[RH - 1][c], k = st[(n * KC + c) * 32];
+        const uint4 qa = qf[0][c], qb = qf[RH - 1][c];
+        const uint4 k = st[k_src_row[n] + t + ((4 * c) ^ k_swz)];
         mma16816<T>(s[n], qa.x, RH > 1 ? qb.x : 0u, qa.y, RH > 1 ? qb.y : 0u, k.x, k.y);
         mma16816<T>(s[n], qa.z, RH > 1 ? qb.z : 0u, qa.w, RH > 1 ? qb.w : 0u, k.z, k.w);
       }
@@ -286,8 +301,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     // O += P V (V rows past the context were zero-filled: 0 * garbage NaN cannot happen)
 #pragma unroll
     for (int h = 0; h < VC; ++h) {
-      const uint4 v0 = st[(2 * KC + 0 * VC + h) * 32], v1 = st[(2 * KC + 1 * VC + h) * 32];
-      const uint4 v2 = st[(2 * KC + 2 * VC + h) * 32], v3 = st[(2 * KC + 3 * VC + h) * 32];
+      const int piece = (g + 8 * h) ^ (2 * t);  // rows 2t, 2t+1, 2t+8, 2t+9: swizzle 2t
+      const uint4 v0 = st[VT + vrow[0] * RP + piece], v1 = st[VT + vrow[1] * RP + piece];
+      const uint4 v2 = st[VT + vrow[2] * RP + piece], v3 = st[VT + vrow[3] * RP + piece];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int j = 8 * h + e;

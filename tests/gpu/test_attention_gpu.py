@@ -59,3 +59,17 @@ def test_flash_routes_match_reference(route, case, monkeypatch):
     monkeypatch.setattr(flash, "_routes", [])
     ref = paged_attention(q.float(), kc.float(), vc.float(), meta, scale)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("n", [1024, 3000])
+def test_whole_long_prompt_takes_cudnn_and_matches_reference(n, monkeypatch):
+    q, kc, vc, meta = _case([n], [n])
+    scale = q.shape[-1] ** -0.5
+    monkeypatch.setattr(flash, "_routes", ["packed"])
+    assert flash._whole_prompt_cudnn(q, kc, vc, meta, scale) is not None or not flash._cudnn_ok
+    out = flash.flash_attention(q, kc, vc, meta, scale)
+    monkeypatch.setattr(flash, "_routes", [])
+    ref = paged_attention(q.float(), kc.float(), vc.float(), meta, scale)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    short = _case([n - 1000], [n])  # a chunk over a prefix: not this route
+    assert flash._whole_prompt_cudnn(*short, scale) is None

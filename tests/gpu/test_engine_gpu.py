@@ -51,3 +51,77 @@ def test_bf16_mostly_agrees_with_hf(root):
     agree = sum(o.token_ids[0] == hf_greedy(path, p, 1, torch.bfloat16, "cuda")[0]
                 for o, p in zip(outs, ps, strict=True))
     assert agree >= 0.75 * len(ps)
+
+
+def _kernels_built() -> bool:
+    from services.worker.ops import cuda_ops
+
+    return cuda_ops.load() is not None
+
+
+needs_kernels = pytest.mark.skipif(not _kernels_built(), reason="make kernels first")
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", ["small-qwen3", "small-llama"])
+def test_cuda_graphs_give_the_eager_tokens(root, shape):
+    """A constant batch of 8 (a captured size, so no padding rows and the same GEMM shapes):
+    replayed graphs must give exactly the eager steps' tokens."""
+    from services.worker.models.random_model import tiny_test_model
+
+    path = tiny_test_model(shape, root, None)
+    ps = _prompts([5, 23, 40, 71, 130, 9, 64, 200], seed=2, vocab=500)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kw = {"device": "cuda:0", "dtype": "bfloat16", "num_kv_blocks": 512, "max_num_seqs": 16}
+    graphed = LLM(str(path), **kw)
+    assert graphed.engine.runner.graphs is not None
+    assert graphed.engine.runner.graphs.sizes == [1, 2, 4, 8, 16]
+    eager = LLM(str(path), enforce_eager=True, **kw)
+    assert eager.engine.runner.graphs is None
+    want = [o.token_ids for o in eager.generate(ps, params)]
+    assert [o.token_ids for o in graphed.generate(ps, params)] == want
+    assert graphed.engine.blocks.num_free_blocks == 512
+
+
+@needs_kernels
+def test_cuda_graphs_pad_ragged_batches(root):
+    """Sequences finish at different steps: batches of 7, 5, 3 ... run padded in the graphs of
+    8 and 4; their logits agree with eager steps' (GEMMs of another row count may round
+    differently, so logits, not bits)."""
+    from services.worker.models.random_model import tiny_test_model
+
+    path = tiny_test_model("small-qwen3", root, None)
+    llm = LLM(str(path), device="cuda:0", dtype="bfloat16", num_kv_blocks=512)
+    runner = llm.engine.runner
+    rng = random.Random(4)
+    for n in (1, 3, 5, 7, 13):
+        batch, free = [], rng.sample(range(512), 512)  # disjoint tables, scattered blocks
+        for _ in range(n):
+            ctx = rng.randint(1, 300)
+            table = [free.pop() for _ in range(-(-ctx // 16))]
+            batch.append(([rng.randrange(500)], ctx - 1, ctx, table))
+        graphed = runner.run(batch, list(range(n))).float().clone()
+        graphs, runner.graphs = runner.graphs, None
+        eager = runner.run(batch, list(range(n))).float()
+        runner.graphs = graphs
+        torch.testing.assert_close(graphed, eager, atol=5e-2, rtol=5e-2)
+        assert (graphed.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.8
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", ["small-qwen3", "small-llama"])
+def test_kernels_give_the_torch_path_tokens(root, shape, monkeypatch):
+    """fp16, kernels + CUDA graphs against the torch reference attention, eager."""
+    from services.worker.models.random_model import tiny_test_model
+    from services.worker.ops import flash
+
+    path = tiny_test_model(shape, root, None)
+    ps = _prompts([7, 30, 64, 100, 150, 3, 90, 45], seed=3, vocab=500)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kw = {"device": "cuda:0", "dtype": "float16", "num_kv_blocks": 512, "max_num_seqs": 8}
+    fast = [o.token_ids for o in LLM(str(path), **kw).generate(ps, params)]
+    monkeypatch.setenv("NANOPD_ATTN", "torch")
+    monkeypatch.setattr(flash, "_routes", None)
+    reference = LLM(str(path), enforce_eager=True, **kw)
+    assert reference.engine.runner.graphs is None
+    assert [o.token_ids for o in reference.generate(ps, params)] == fast

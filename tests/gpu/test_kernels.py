@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from services.worker.ops import cuda_ops
-from services.worker.ops.attention import gather_kv
-from services.worker.ops.attention import store_kv as store_kv_reference
+from services.worker.ops.attention import gather_kv, store_kv_reference
 
 pytestmark = pytest.mark.skipif(cuda_ops.load() is None,
                                 reason="kernels not built (make kernels) or no CUDA")
@@ -222,6 +221,7 @@ def test_paged_decode_refuses_unbuilt_shapes():
 
 
 BAD_CALLS = """
+import sys
 import torch
 from services.worker.ops import cuda_ops
 ops, dev = cuda_ops._ops(), "cuda"
@@ -231,16 +231,22 @@ tables = torch.zeros(1, 1, dtype=torch.int32, device=dev)
 lens = torch.ones(1, dtype=torch.int32, device=dev)
 none = torch.empty(0, device=dev)
 key, pool = torch.zeros(3, 2, 80, **bf), torch.zeros(1, 2, 4, 16, 2, 64, **bf)
-errors = [
-    ops.paged_decode(q, q, cache, cache, tables, lens, none, none, none, none, 0.1, 1, 64),
-    ops.paged_decode(q[..., :64].cpu(), q[..., :64], cache, cache, tables, lens, none, none,
-                     none, none, 0.1, 1, 64),
-    ops.store_kv(key, key, cache, cache, torch.zeros(3, dtype=torch.int32, device=dev)),
-    ops.copy_blocks(pool, pool, torch.zeros(2, dtype=torch.int64, device=dev),
-                    torch.zeros(3, dtype=torch.int64, device=dev)),
+calls = [
+    lambda: ops.paged_decode(q, q, cache, cache, tables, lens, none, none, none, none, 0.1, 1,
+                             64),
+    lambda: ops.paged_decode(q[..., :64].cpu(), q[..., :64], cache, cache, tables, lens, none,
+                             none, none, none, 0.1, 1, 64),
+    lambda: ops.store_kv(key, key, cache, cache, torch.zeros(3, dtype=torch.int32, device=dev)),
+    lambda: ops.copy_blocks(pool, pool, torch.zeros(2, dtype=torch.int64, device=dev),
+                            torch.zeros(3, dtype=torch.int64, device=dev)),
 ]
+errors = []
+for i, call in enumerate(calls):
+    print("call", i, file=sys.stderr, flush=True)
+    errors.append(call())
+    print("returned", repr(errors[-1]), file=sys.stderr, flush=True)
 assert all(errors), errors
-print("|".join(errors))
+print("|".join(errors), flush=True)
 """
 
 
@@ -252,8 +258,8 @@ def test_bindings_return_errors_instead_of_crashing():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-c", BAD_CALLS], capture_output=True, text=True,
-                       cwd=root, timeout=120)
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", BAD_CALLS],
+                       capture_output=True, text=True, cwd=root, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     errors = r.stdout.strip().split("|")
     assert "head_dim 80" in errors[0] and "must be a CUDA tensor" in errors[1]

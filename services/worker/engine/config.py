@@ -19,6 +19,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_gib: float = 0.25
     seed: int = 0
+    enforce_eager: bool = False  # True: no CUDA graphs (decode steps launch kernel by kernel)
+    max_graph_batch_size: int = 256  # decode batches up to this size replay a CUDA graph
 
     def __post_init__(self) -> None:
         checks = [
@@ -29,6 +31,7 @@ class EngineConfig:
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1"),
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "in (0, 1]"),
             (self.cpu_kv_cache_gib > 0, "cpu_kv_cache_gib", "> 0"),
+            (1 <= self.max_graph_batch_size <= 1024, "max_graph_batch_size", "in [1, 1024]"),
         ]
         for ok, name, allowed in checks:
             if not ok:

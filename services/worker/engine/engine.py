@@ -62,6 +62,7 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len} needs more KV slots than the pool has "
                 f"({self.runner.num_blocks} blocks x {config.block_size} = {capacity})"
             )
+        self.runner.capture_graphs(self.max_model_len)
         self.blocks = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )

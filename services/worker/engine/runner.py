@@ -7,6 +7,7 @@ import logging
 import torch
 
 from services.worker.engine.config import EngineConfig
+from services.worker.engine.cuda_graphs import DecodeGraphs, why_not_capturable
 from services.worker.models.config import ModelConfig, parse_dtype
 from services.worker.models.loader import load_model
 from services.worker.ops.attn_metadata import AttnMetadata
@@ -44,6 +45,20 @@ class ModelRunner:
         )
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_pool[i, 0], self.kv_pool[i, 1]
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_model_len: int) -> None:
+        """CUDA graphs for decode-only steps (config.enforce_eager=False), if this runner's
+        device, kernels and shapes allow; otherwise every step runs eagerly, and says why."""
+        if self.config.enforce_eager:
+            return
+        reason = why_not_capturable(self)
+        if reason is not None:
+            if self.device.type == "cuda":
+                log.warning("decode steps run without CUDA graphs: %s", reason)
+            return
+        max_batch = min(self.config.max_num_seqs, self.config.max_graph_batch_size)
+        self.graphs = DecodeGraphs(self, max_batch, max_model_len)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -90,6 +105,13 @@ class ModelRunner:
         of the last new token of each sequence listed in `sample_rows`.
         """
         bs = self.block_size
+        if self.graphs is not None and all(len(t) == 1 for t, _, _, _ in batch) and (
+                self.graphs.padded_size(len(batch)) is not None):  # decode: replay a graph
+            logits = self.graphs.run(
+                [t[0] for t, _, _, _ in batch], [p for _, p, _, _ in batch],
+                [table[p // bs] * bs + p % bs for _, p, _, table in batch],
+                [c for _, _, c, _ in batch], [table for _, _, _, table in batch])
+            return logits if len(sample_rows) == len(batch) else logits[sample_rows]
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

@@ -132,8 +132,12 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`[rows, vocab]` in the model's dtype; into `out` when given (a CUDA graph's
+        static buffer)."""
+        if out is None:
+            return self.lm_head(hidden)
+        return torch.mm(hidden, self.lm_head.weight.t(), out=out)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers]

@@ -71,6 +71,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "rope_parameters": {"rope_type": "default",
                                                           "rope_theta": 1000000.0},
     },
+    # Small shapes with the head dims of real models (64, 128): the GPU kernels' tests.
+    "small-qwen3": {
+        "architecture": "Qwen3ForCausalLM", **_TINY, "hidden_size": 256, "head_dim": 64,
+        "intermediate_size": 512, "num_hidden_layers": 3, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True, "rope_parameters": {"rope_type": "default",
+                                                         "rope_theta": 1000000.0},
+    },
+    "small-llama": {
+        "architecture": "LlamaForCausalLM", **_TINY, "num_attention_heads": 8,
+        "hidden_size": 512, "head_dim": 128, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "rope_parameters": _LLAMA3_TINY_ROPE,
+    },
     # Real shapes: dimensions of the public configs (bos/eos come from a tokenizer, if given).
     "qwen3-0.6b": {
         "architecture": "Qwen3ForCausalLM", "vocab_size": 151936, "hidden_size": 1024,

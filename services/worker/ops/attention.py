@@ -21,7 +21,20 @@ def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write the step's new keys/values `[num_tokens, num_kv_heads, head_dim]` into their slots."""
+    """Write the step's new keys/values `[num_tokens, num_kv_heads, head_dim]` into their
+    slots; a negative slot (a padding row) is skipped. The CUDA kernel where built, else
+    `store_kv_reference`."""
+    if k.is_cuda and cuda_ops.load() is not None:
+        cuda_ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+
+
+def store_kv_reference(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """The torch reference of `store_kv` (index_copy_); it takes no negative slots."""
     kvh, d = k.shape[-2:]
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[3]
 # NANOPD_KERNELS_DIR: another build (csrc/build.py --variant) for tuning runs
 BUILD_DIR = Path(os.environ.get("NANOPD_KERNELS_DIR", ROOT / "build" / "kernels"))
 NAME = "nanopd_kernels"
-MIN_CHUNK = 256   # tokens: paged_decode splits no sequence into chunks shorter than this
-MAX_SPLITS = 64   # chunks per sequence at most (the kernel takes up to 256)
+MIN_CHUNK = 128   # tokens: paged_decode splits no sequence into chunks shorter than this
+MAX_SPLITS = 32   # chunks per sequence at most (the kernel takes up to 256)
 
 _module: ModuleType | None = None
 _tried = False
@@ -72,14 +72,17 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Chunks per sequence for paged_decode's grid: enough thread blocks for one full wave
-    (2 per SM) when every context is long. It depends on the batch only, never on context
-    lengths, so one captured CUDA graph serves every step of its batch size; short contexts
-    use fewer chunks (at least MIN_CHUNK tokens each) and their spare blocks exit at once."""
-    target = 2 * _num_sms(device.index if device.index is not None else 0)
-    pairs = max(1, num_seqs * num_kv_heads)
-    return max(1, min(MAX_SPLITS, -(-target // pairs)))
+def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device,
+                      head_dim: int = 128) -> int:
+    """Chunks per sequence for paged_decode's grid: as many as fill one wave of thread
+    blocks (2 per SM at head_dim 128, 4 at 64: shared memory) when every context is long,
+    and no more: a partial second wave cost up to 25% on the H200 (2026-12-01 sweep in
+    bench/results). It depends on the batch only, never on context lengths, so one captured
+    CUDA graph serves every step of its batch size; short contexts use fewer chunks (at
+    least MIN_CHUNK tokens each) and their spare blocks exit at once."""
+    per_sm = 2 if head_dim > 64 else 4
+    wave = per_sm * _num_sms(device.index if device.index is not None else 0)
+    return max(1, min(MAX_SPLITS, wave // max(1, num_seqs * num_kv_heads)))
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -133,7 +136,7 @@ def paged_decode(
         return out
     num_kv_heads = k_cache.shape[2]
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, q.device)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, q.device, head_dim)
     f32 = {"dtype": torch.float32, "device": q.device}
     if num_splits > 1:
         partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
@@ -165,8 +168,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     """Write `[num_tokens, num_kv_heads, head_dim]` keys/values into their cache slots
     (int64 `slot_mapping`, slot = block * block_size + offset; a negative slot is skipped).
 
-    Torch reference: `ops.attention.store_kv` (index_copy_). Any dtype; head_dim * element
-    size a multiple of 16 bytes; key/value may be strided views (e.g. of the fused qkv).
+    Torch reference: `ops.attention.store_kv_reference` (index_copy_). Any dtype; head_dim *
+    element size a multiple of 16 bytes; key/value may be strided views (of the fused qkv).
     """
     _raise_on(_ops().store_kv(key, value, k_cache, v_cache, slot_mapping))
 

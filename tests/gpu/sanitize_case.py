@@ -1,0 +1,49 @@
+"""Every csrc kernel once on small inputs, for compute-sanitizer (not a pytest module):
+
+    compute-sanitizer --tool memcheck python3 tests/gpu/sanitize_case.py
+    compute-sanitizer --tool racecheck python3 tests/gpu/sanitize_case.py
+
+paged_decode runs both ways (one chunk per sequence; several chunks combined by the last
+block), bf16 and fp16, head dims 64 and 128, groups 6 and 12; then store_kv and copy_blocks.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from services.worker.ops import cuda_ops  # noqa: E402
+
+
+def main() -> None:
+    if cuda_ops.load() is None:
+        sys.exit("kernels not built (make kernels)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lens = [1, 17, 300, 1100]
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim, group in ((64, 6), (128, 12)):
+            k = torch.randn(300, 16, 2, head_dim, device="cuda", generator=g).to(dtype)
+            v = torch.randn(300, 16, 2, head_dim, device="cuda", generator=g).to(dtype)
+            width = -(-max(lens) // 16)  # blocks of the longest context
+            tables = torch.randperm(300, device="cuda", generator=g)[:4 * width]
+            tables = tables.view(4, width).to(torch.int32).contiguous()
+            q = torch.randn(4, 2 * group, head_dim, device="cuda", generator=g).to(dtype)
+            ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+            for splits in (1, 5):
+                cuda_ops.paged_decode(q, k, v, tables, ctx, 0.1, num_splits=splits,
+                                      min_chunk=64)
+    pool = torch.randn(3, 2, 40, 16, 2, 128, device="cuda", generator=g).bfloat16()
+    key = torch.randn(5, 2, 128, device="cuda", generator=g).bfloat16()
+    cuda_ops.store_kv(key, key, pool[0, 0], pool[0, 1],
+                      torch.tensor([3, -1, 50, 7, 600], device="cuda"))
+    cuda_ops.copy_blocks(pool, pool, [1, 2, 3], [30, 31, 39])
+    torch.cuda.synchronize()
+    print("sanitize_case: every kernel ran")
+
+
+if __name__ == "__main__":
+    main()
