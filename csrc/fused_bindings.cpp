@@ -42,7 +42,8 @@ std::string check_norm(Checks& c, const at::Tensor& out, const at::Tensor& x,
   if (c.failed()) return c.error();
   const int64_t hidden = x.size(1);
   c.require(hidden % 8 == 0 && hidden > 0 && hidden <= NANOPD_RMS_NORM_MAX_HIDDEN, "hidden ",
-            hidden, " must be a positive multiple of 8 up to ", NANOPD_RMS_NORM_MAX_HIDDEN);
+            hidden, " must be a positive multiple of 8 up to ",
+            (int)NANOPD_RMS_NORM_MAX_HIDDEN);
   c.require(weight.dim() == 1 && weight.size(0) == hidden && weight.is_contiguous(),
             "weight must be contiguous [", hidden, "]");
   c.require(x.size(0) < (1LL << 31), "too many tokens: ", x.size(0));

@@ -16,7 +16,7 @@ import torch
 
 from services.worker.models.layers import RotaryEmbedding
 from services.worker.ops import cuda_ops, fused_ops
-from services.worker.ops.attention import store_kv as store_kv_reference
+from services.worker.ops.attention import store_kv_reference
 from services.worker.ops.fused_reference import (
     fused_add_rms_norm_reference,
     rotary_qk_reference,

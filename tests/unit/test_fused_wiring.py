@@ -15,7 +15,7 @@ import torch
 from services.worker.engine import LLM, SamplingParams
 from services.worker.models.random_model import tiny_test_model
 from services.worker.ops import cuda_ops, fused_ops
-from services.worker.ops.attention import store_kv
+from services.worker.ops.attention import store_kv_reference
 from services.worker.ops.fused_reference import (
     fused_add_rms_norm_reference,
     rms_norm_reference,
@@ -43,7 +43,7 @@ def _rotary_store_kv(qkv, positions, cos, sin, q_norm_weight, k_norm_weight, eps
     q, k, v = rotary_qk_reference(qkv, positions, cos, sin, num_heads, num_kv_heads,
                                   head_dim, *norms)
     keep = slot_mapping >= 0
-    store_kv(k[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
+    store_kv_reference(k[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
     qkv[:, : num_heads * head_dim] = q.flatten(1)
     qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim] = k.flatten(1)
     return ""

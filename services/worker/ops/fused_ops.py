@@ -137,7 +137,7 @@ def rotary_store_kv(
     k_cache/v_cache `[num_blocks, block_size, KVH, D]` at slot_mapping `[T]` (int64; a
     negative slot stores nothing). v stays as it is in qkv; a position outside the tables
     rotates into NaN. Torch reference: `fused_reference.rotary_qk_reference` then
-    `ops.attention.store_kv` (rotation bitwise; with q/k norm, as `rms_norm`)."""
+    `ops.attention.store_kv_reference` (rotation bitwise; with q/k norm, as `rms_norm`)."""
     _check(qkv.dtype in DTYPES and rotary_supported(qkv, head_dim),
            f"rotary_store_kv takes float16/bfloat16 qkv [T, W] with 16-byte aligned rows and "
            f"head_dim in {ROTARY_HEAD_DIMS}; got {tuple(qkv.shape)} {qkv.dtype}, "
