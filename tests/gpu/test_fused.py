@@ -43,8 +43,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
-def bitwise_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((bits(a) == bits(b)).float().mean())
+def assert_mostly_bitwise(got: torch.Tensor, want: torch.Tensor) -> None:
+    """At most 0.1% of the elements differ in their bits (and at most 2 of a small tensor:
+    a norm's flip rate is ~5e-6 in bf16 and ~5e-5 in fp16, so a tiny case with one flip
+    is no failure)."""
+    differ = int((bits(got) != bits(want)).sum())
+    allowed = max(2, int((1 - MIN_BITWISE) * got.numel()))
+    assert differ <= allowed, f"{differ} of {got.numel()} elements differ from torch's bits"
 
 
 def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +74,7 @@ def check_norm(got: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, eps:
     ok = (bits(got) == bits(want)) | (bits(got) == bits(weight * lo)) | (
         bits(got) == bits(weight * hi))
     assert bool(ok.all()), f"{int((~ok).sum())} elements off by more than 1 ulp of the norm"
-    frac = bitwise_fraction(got, want)
-    assert frac >= MIN_BITWISE, f"only {frac:.5f} of the elements bitwise torch's"
+    assert_mostly_bitwise(got, want)
 
 
 def padded(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,8 +223,7 @@ def check_rotary(got_qkv, got_pool, want_qkv, want_pool, qk_norm, dtype):
                                    equal_nan=True)
         written = ~want.isnan()
         assert bool((got.isnan() == ~written).all())
-        frac = bitwise_fraction(got[written], want[written])
-        assert frac >= MIN_BITWISE, f"only {frac:.5f} of the elements bitwise torch's"
+        assert_mostly_bitwise(got[written], want[written])
 
 
 @pytest.mark.parametrize("num_tokens", TOKENS)

@@ -3,11 +3,12 @@ without `make kernels`.
 
 A tiny random-weight model in bf16 must give the same greedy tokens with NANOPD_FUSED=1 as
 with 0. Everything on the fused path but the norms is bitwise torch's; a norm's output
-differs from torch's in ~1e-4 of its elements, by 1 ulp (tests/gpu/test_fused.py). That can
-only change a token where the two best logits are within such a perturbation (the random
-models are built for wide greedy margins: services/worker/models/random_model.py), so tokens
-are compared exactly, and the logits of each step, teacher-forced on the torch path's tokens,
-within a tolerance that says how far apart the paths are when a token does differ.
+differs from torch's in at most ~1e-4 of its elements, by 1 ulp (tests/gpu/test_fused.py).
+That can only change a token where the two best logits are within such a perturbation (the
+random models are built for wide greedy margins: services/worker/models/random_model.py),
+so tokens are compared exactly, and the logits of each step, teacher-forced on the torch
+path's tokens, within a tolerance that says how far apart the paths are when a token does
+differ.
 """
 
 from __future__ import annotations
