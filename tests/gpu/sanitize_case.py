@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python3 tests/gpu/sanitize_case.py
 
 paged_decode runs both ways (one chunk per sequence; several chunks combined by the last
-block), bf16 and fp16, head dims 64 and 128, groups 6 and 12; then store_kv and copy_blocks.
+block), bf16 and fp16, head dims 64 and 128, groups 6 and 12; then store_kv and copy_blocks,
+then the fused layer kernels (norms, rotary + q/k norm + KV store, SiLU-and-mul).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from services.worker.ops import cuda_ops  # noqa: E402
+from services.worker.ops import cuda_ops, fused_ops  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +42,19 @@ def main() -> None:
     cuda_ops.store_kv(key, key, pool[0, 0], pool[0, 1],
                       torch.tensor([3, -1, 50, 7, 600], device="cuda"))
     cuda_ops.copy_blocks(pool, pool, [1, 2, 3], [30, 31, 39])
+    x = torch.randn(7, 1536, device="cuda", generator=g).bfloat16()
+    w = torch.randn(1536, device="cuda", generator=g).bfloat16()
+    fused_ops.rms_norm(x, w, 1e-6)
+    fused_ops.fused_add_rms_norm(x, x.clone(), w, 1e-6)
+    fused_ops.silu_and_mul(torch.randn(7, 2 * 1536, device="cuda", generator=g).bfloat16())
+    qkv = torch.randn(5, (12 + 2 * 2) * 128, device="cuda", generator=g).bfloat16()
+    cos = torch.randn(64, 128, device="cuda", generator=g)
+    norm_w = torch.randn(128, device="cuda", generator=g).bfloat16()
+    for qk_norm in (None, norm_w):
+        fused_ops.rotary_store_kv(qkv, torch.tensor([0, 3, 9, 63, 1], device="cuda"), cos, cos,
+                                  12, 2, 128, pool[1, 0], pool[1, 1],
+                                  torch.tensor([3, -1, 50, 7, 600], device="cuda"),
+                                  q_norm_weight=qk_norm, k_norm_weight=qk_norm, eps=1e-6)
     torch.cuda.synchronize()
     print("sanitize_case: every kernel ran")
 
