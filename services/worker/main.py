@@ -20,6 +20,7 @@ from common.protocol import (
     AbortRequest,
     Heartbeat,
     KvAck,
+    KvChunk,
     KvReady,
     Message,
     RequestDone,
@@ -83,6 +84,8 @@ class Worker:
                 self.on_run(msg)
             elif isinstance(msg, Reserve):
                 self.handoff.on_reserve(msg)
+            elif isinstance(msg, KvChunk):
+                self.handoff.on_kv_chunk(msg)
             elif isinstance(msg, KvReady):
                 self.handoff.on_kv_ready(msg)
             elif isinstance(msg, KvAck):
