@@ -27,6 +27,6 @@ hf=(--hf-num-seqs 64 --hf-batch-size 32)
 [ "${1:-}" = quick ] && hf=(--skip-hf)
 step offline 420 python3 bench/offline_throughput.py "${hf[@]}" \
   --out "$OUT/offline_throughput_qwen3-0.6b.json"
-if [ "$NGPU" -ge 2 ]; then
+if [ "$NGPU" -ge 1 ]; then  # two GPUs: cuda:0 -> cuda:1; one: both processes on cuda:0
   step kv_transfer 240 python3 bench/kv_transfer.py --out "$OUT/kv_transfer.json"
 fi

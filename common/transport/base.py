@@ -86,6 +86,8 @@ class KvTransport(ABC):
     """Moves KV blocks between the pools of two workers; see the module docstring."""
 
     name: ClassVar[str] = ""
+    # the peer's recv itself waits for data of a handle sent before `poll` was true
+    recv_waits_for_send: ClassVar[bool] = False
 
     def __init__(self, kv_pool: torch.Tensor, worker: str = "worker") -> None:
         if kv_pool.dim() != 6 or kv_pool.shape[1] != 2:
@@ -123,7 +125,8 @@ class KvTransport(ABC):
 
     def poll(self, handle: dict) -> bool:
         """True once the handle's KV is ready for the peer; never blocks. Send the handle
-        only then (the peer's `recv` waits for it otherwise, at most its timeout)."""
+        only then, unless `recv_waits_for_send` (then the peer's recv waits, at most its
+        timeout, for data the producer is still copying: a pipeline, while it polls)."""
         return True
 
     def wait_sent(self, handle: dict, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:

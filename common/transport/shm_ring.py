@@ -62,6 +62,7 @@ def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
 
 class ShmRingTransport(KvTransport):
     name = "shm_ring"
+    recv_waits_for_send = True  # the stamps
 
     def __init__(self, kv_pool: torch.Tensor, worker: str = "worker",
                  num_slots: int | None = None, ring_nbytes: int = DEFAULT_RING_NBYTES,

@@ -44,12 +44,13 @@ def pair(tiny_model, request):
     d.handoff.close()
 
 
-def start(p: StubWorker, d: StubWorker, rid: str = "r", lease_s: float = 5.0) -> list[int]:
+def start(p: StubWorker, d: StubWorker, rid: str = "r", lease_s: float = 5.0,
+          transport: str = "shm_ring") -> list[int]:
     d.handoff.on_reserve(Reserve(rid=rid, num_tokens=len(PROMPT), lease_s=lease_s))
     reserved = d.of(Reserved)[-1]
     assert reserved.ok
     run = Run(rid=rid, token_ids=PROMPT, sampling=SAMPLING, dest="d", dest_address=d.address,
-              dest_block_ids=reserved.block_ids, transport="shm_ring")
+              dest_block_ids=reserved.block_ids, transport=transport)
     p.legs[rid] = Leg(rid, "prefill", run=run)
     p.engine.add_request(rid, PROMPT, SamplingParams.from_dict(SAMPLING), prefill_only=True)
     return reserved.block_ids
