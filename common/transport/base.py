@@ -20,6 +20,7 @@ waits for every such copy, before the blocks are used, freed or acknowledged.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 DEFAULT_TIMEOUT_S = 10.0
+log = logging.getLogger(__name__)
 
 
 class TransportError(ValueError):
@@ -153,6 +155,16 @@ class KvTransport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free what this transport holds; safe to call twice."""
+
+    def _settle_for_close(self) -> None:
+        """Wait (bounded) for our side stream before memory it touches goes away."""
+        stream = getattr(self, "_stream", None)
+        if stream is None:
+            return
+        try:
+            wait_stream(stream, DEFAULT_TIMEOUT_S, f"{self.name} copies of {self.worker!r}")
+        except TransportError as e:
+            log.error("closing with copies still running: %s", e)
 
     def __enter__(self) -> KvTransport:
         return self

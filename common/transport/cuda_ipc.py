@@ -171,6 +171,7 @@ class CudaIpcTransport(KvTransport):
             self.kv_pool.index_copy_(2, dst, staged)  # scatter, on ours
 
     def close(self) -> None:
+        self._settle_for_close()  # no copy may still read a peer's pool we let go
         self._peers.clear()  # the IPC mappings close when their storages die
         if self._export is not None:
             _LOCAL_POOLS.pop(self._export["storage"]["handle"], None)

@@ -172,6 +172,8 @@ class ShmRingTransport(KvTransport):
 
     def close(self) -> None:
         self._closed = True
+        if self._stream is not None:  # no copy may still run into a mapping we unmap
+            self._settle_for_close()
         for mapping in self._peers.values():
             mapping.close()
         self._peers.clear()
