@@ -83,6 +83,7 @@ class Handoff:
                            for n in transports_for(pool.device)}
         self.reserved: dict[str, Reservation] = {}
         self.outgoing: dict[str, Outgoing] = {}
+        self.counts = {"num_kv_chunks_sent": 0, "num_kv_chunks_received": 0}  # for status
 
     def transport_names(self) -> list[str]:
         return list(self.transports)
@@ -134,6 +135,7 @@ class Handoff:
             self._refuse(msg.rid, msg.src_address, f"hand-off failed: {e}")
             return
         r.num_chunks += 1
+        self.counts["num_kv_chunks_received"] += 1
         r.num_blocks_in = max(r.num_blocks_in, end)
         r.deadline = time.monotonic() + r.lease_s  # the peer is alive: renew the lease
 
@@ -251,6 +253,7 @@ class Handoff:
                           block_offset=offset, num_blocks=len(new),
                           transport=out.run.transport, handle=handle)
             out.num_chunks += 1
+            self.counts["num_kv_chunks_sent"] += 1
         out.queue.append((handle, msg))
         return True
 

@@ -151,7 +151,7 @@ class Worker:
         write_status(self.cfg.run_path, self.name, role=self.wcfg.role,
                      device=self.wcfg.device, **{k: st[k] for k in (
                          "num_running", "num_waiting", "num_free_blocks", "num_blocks",
-                         "peak_batch_seqs")})
+                         "peak_batch_seqs")}, **self.handoff.counts)
 
     def run(self) -> None:
         self.heartbeat()
