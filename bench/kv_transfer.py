@@ -9,7 +9,8 @@ with two GPUs, 0,0 with one):
 (c) pinned: one --ref-nbytes copy cuda:P -> pinned host (D2H) and one pinned host -> cuda:D
     (H2D); their serial sum is the reference of shm_ring
 (d) shm_ring: the prefill process gathers N blocks into the ring (`send`), the decode process
-    copies them into its pool (`recv`), piece by piece as they land (pipelined)
+    copies them into its pool (`recv`), piece by piece as they land (pipelined); and each
+    of its copies alone, in one process (`shm_ring_parts`, bench/kv_ring_parts.py)
 
 End to end = from the start of the producer's `send` until the consumer's `recv` returned
 with the data in place, on one clock (CLOCK_MONOTONIC is system-wide), including the pipe
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a plain copy of the repo, no install
     sys.path.insert(0, str(ROOT))
 
+from bench.kv_ring_parts import ring_parts  # noqa: E402
 from common.transport import make_transport  # noqa: E402
 
 
@@ -72,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bytes of the reference copies (a) and (c)")
     p.add_argument("--ipc-staged-mib", type=int, default=256,
                    help="cuda_ipc: most MiB gathered per copy (more blocks: several copies)")
+    p.add_argument("--ring-piece-mib", type=float, default=4,
+                   help="shm_ring: MiB per piece (the consumer copies a piece once it landed)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     p.add_argument("--reps", type=int, default=10, help="timed runs; the median is reported")
     p.add_argument("--out", help="also write the results here as JSON")
@@ -178,7 +182,8 @@ def digest(pool: torch.Tensor, block_ids: list[int]) -> str:
 
 def transport_kw(args: argparse.Namespace, name: str) -> dict:
     if name == "shm_ring":
-        return {"num_slots": max(args.block_counts)}
+        return {"num_slots": max(args.block_counts),
+                "piece_nbytes": int(args.ring_piece_mib * 2**20)}
     return {"max_staged_nbytes": args.ipc_staged_mib * 2**20}
 
 
@@ -311,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
     if on_gpu:
         ref = out["device_copy"] = bench_device_copy(args)
         out["pinned"] = bench_pinned(args)
+        out["shm_ring_parts"] = ring_parts(
+            make_pool(args, src_device, fill=True), make_pool(args, dst_device, fill=False),
+            args.block_counts, args.warmup, args.reps)
         torch.cuda.empty_cache()
         out["cuda_ipc"] = bench_transport(args, "cuda_ipc", src_device, dst_device)
         for row in out["cuda_ipc"]:  # the pull alone (recv), as before; and end to end
