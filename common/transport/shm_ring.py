@@ -228,9 +228,11 @@ class ShmRingTransport(KvTransport):
                       token: int) -> None:
         assert own.ring is not None and own.stamps is not None
         by_block, ring = self._words_by_block(), as_words(own.ring)
-        if self._stream is None:  # CPU: one copy per stretch that is consecutive on both sides
-            for src, first, count in block_runs(src_block_ids, slots):
-                ring[first:first + count].copy_(by_block[src:src + count])
+        if self._stream is None:  # CPU: gather straight into each stretch of slots
+            src = torch.tensor(src_block_ids, dtype=torch.long)
+            for first, count, off in slot_runs(slots):
+                torch.index_select(by_block, 0, src[off:off + count],
+                                   out=ring[first:first + count])
             own.stamps[torch.tensor(slots)] = token
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
