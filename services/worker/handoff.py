@@ -4,8 +4,9 @@ Prefill side: after every step, the blocks that a prefill-only request has compl
 its last chunk go to the transport (`send`: on a GPU the copies are queued on a side stream
 and the next prompt chunk computes meanwhile); once the transport says they are ready
 (`poll`) a `KvChunk` tells the decode worker. When the first token is sampled, the rest of
-the prompt's blocks go the same way in `KvReady`; every block stays held until `KvAck` or
-lease expiry. A prompt that fits in one step ships in KvReady alone.
+the prompt's blocks go the same way in `KvReady`, waited for at once (the first token waits
+on it); every block stays held until `KvAck` or lease expiry. A prompt that fits in one
+step ships in KvReady alone.
 Decode side: `Reserve` -> blocks held under a lease -> each `KvChunk` is copied in as it
 arrives (renewing the lease) -> `KvReady`: the last copy, then every copy waited for, then
 the sequence joins the batch -> `KvAck` to the prefill worker. A refusal or failure at any
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nanopd.worker")
 
-COPY_TIMEOUT_S = 5.0  # the decode side's wait for copies of KV the prefill side said is ready
+COPY_TIMEOUT_S = 5.0  # a wait for copies already under way (not for another process)
 
 
 @dataclass
@@ -221,6 +222,8 @@ class Handoff:
             bs = self.w.engine.config.block_size
             num_blocks = -(-out.seq.num_prompt_tokens // bs)
             out.final_made = self._send(rid, out, out.seq.block_table[:num_blocks], final=True)
+            if out.final_made:  # the first token waits on it: not until the next loop turn
+                self._transport(out.run.transport).wait_sent(out.queue[-1][0], COPY_TIMEOUT_S)
         transport = self._transport(out.run.transport)
         while out.queue and transport.poll(out.queue[0][0]):
             self.w.out.send(out.run.dest_address, out.queue.pop(0)[1])
