@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cuda_ipc: most MiB gathered per copy (more blocks: several copies)")
     p.add_argument("--ring-piece-mib", type=float, default=4,
                    help="shm_ring: MiB per piece (the consumer copies a piece once it landed)")
+    p.add_argument("--cpu-threads", type=int, default=1,
+                   help="torch threads per process with --device cpu (the two processes "
+                        "share the cores, as workers do)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     p.add_argument("--reps", type=int, default=10, help="timed runs; the median is reported")
     p.add_argument("--out", help="also write the results here as JSON")
@@ -187,9 +190,15 @@ def transport_kw(args: argparse.Namespace, name: str) -> dict:
     return {"max_staged_nbytes": args.ipc_staged_mib * 2**20}
 
 
-def _prefill_main(args: argparse.Namespace, name: str, device: str, conn: Connection) -> None:
+def _set_device(args: argparse.Namespace, device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+    else:
+        torch.set_num_threads(args.cpu_threads)
+
+
+def _prefill_main(args: argparse.Namespace, name: str, device: str, conn: Connection) -> None:
+    _set_device(args, device)
     pool = make_pool(args, device, fill=True)
     t = make_transport(name, pool, worker="bench-prefill", **transport_kw(args, name))
     conn.send(t.export())
@@ -221,8 +230,7 @@ def _prefill_main(args: argparse.Namespace, name: str, device: str, conn: Connec
 def _decode_main(args: argparse.Namespace, name: str, device: str, conn: Connection,
                  results: mp.Queue) -> None:
     try:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
+        _set_device(args, device)
         pool = make_pool(args, device, fill=False)
         t = make_transport(name, pool, worker="bench-decode", **transport_kw(args, name))
         export, rng, rows = conn.recv(), random.Random(0), []
@@ -325,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
             row[f"fraction_of_{ref['kind']}"] = row["recv_GBps"] / ref["GBps"]
             row[f"end_to_end_fraction_of_{ref['kind']}"] = row["end_to_end_GBps"] / ref["GBps"]
     else:
+        torch.set_num_threads(args.cpu_threads)
         out["memcpy"] = bench_memcpy(args)
     out["shm_ring"] = bench_transport(args, "shm_ring", src_device, dst_device)
     if "memcpy" in out:  # the ring copies each byte twice: producer in, consumer out
