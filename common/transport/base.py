@@ -42,7 +42,7 @@ def wait_until(ready: Any, timeout_s: float, what: str) -> None:
     polls = 0
     while not ready():
         if time.monotonic() > deadline:
-            raise TransportError(f"{what} did not happen within {timeout_s:g} s")
+            raise TransportError(f"timed out after {timeout_s:g} s waiting for {what}")
         polls += 1
         time.sleep(0 if polls < 1000 else 1e-4)
 
@@ -128,7 +128,8 @@ class KvTransport(ABC):
     def poll(self, handle: dict) -> bool:
         """True once the handle's KV is ready for the peer; never blocks. Send the handle
         only then, unless `recv_waits_for_send` (then the peer's recv waits, at most its
-        timeout, for data the producer is still copying: a pipeline, while it polls)."""
+        timeout, for data the producer is still copying: a pipeline, while it polls). A
+        producer must poll each handle it sends until true: shm_ring stamps its slots here."""
         return True
 
     def wait_sent(self, handle: dict, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
