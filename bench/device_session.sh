@@ -11,6 +11,7 @@
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
 #   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
 #   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi)
+#   kv         bench/kv_transfer.py (two GPUs: cuda:0 -> cuda:1; one: both processes on cuda:0)
 #   mesh       bench/mesh_gpu.py: the whole mesh as processes on the GPU(s) (carry .whl, .tok)
 #   offline    bench/offline_throughput.py with the HF baseline
 #   quick      bench/offline_throughput.py without it
@@ -92,6 +93,8 @@ for phase in "$@"; do
         --out "$WORK/prefill_attention.json" ;;
     flashinfer)
       step flashinfer 300 python3 bench/flashinfer_decode.py --out "$WORK/flashinfer.json" ;;
+    kv)
+      step kv_transfer 240 python3 bench/kv_transfer.py --out "$WORK/kv_transfer.json" ;;
     mesh)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl > "$WORK/pip.log" 2>&1

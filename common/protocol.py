@@ -172,7 +172,8 @@ class AbortRequest(Message):
 
 @dataclass
 class KvReady(Message):
-    """Prefill -> decode: the KV of `num_tokens` prompt tokens is in place; go on from here."""
+    """Prefill -> decode: the prompt's KV is ready; go on from here. Its handle holds the
+    blocks from `block_offset` on; the earlier ones came in `num_chunks` KvChunk messages."""
 
     KIND: ClassVar[int] = 23
     rid: str = ""
@@ -183,6 +184,24 @@ class KvReady(Message):
     num_prompt_tokens: int = 0
     transport: str = ""
     handle: dict = field(default_factory=dict)  # transport-specific: ring slot, ...
+    block_offset: int = 0
+    num_chunks: int = 0
+
+
+@dataclass
+class KvChunk(Message):
+    """Prefill -> decode, while the prompt still computes: the KV of `num_blocks` blocks,
+    the reservation's blocks `[block_offset, block_offset + num_blocks)`, is ready; copy it
+    now. Numbered from 0 by `index`; the KvReady that ends the transfer says how many."""
+
+    KIND: ClassVar[int] = 25
+    rid: str = ""
+    src_address: str = ""
+    index: int = 0
+    block_offset: int = 0
+    num_blocks: int = 0
+    transport: str = ""
+    handle: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -7,20 +7,70 @@ in `export()` and in a handle is plain msgpack data (str, int, float, bytes, lis
 
     # prefill worker P                          # decode worker D
     export = t.export()        --Heartbeat-->   (kept per peer)
-    handle = t.send(rid, src)  --KvReady--->    t.recv(export, handle, dst)
+    handle = t.send(rid, src)
+    ... t.poll(handle) is True --KvReady--->    t.recv(export, handle, dst)
     t.release(handle)          <--KvAck-----
+
+On a GPU, `send` only queues the copies on a side stream, after the work queued so far (the
+prefill step that wrote the KV), and returns: the caller goes on computing while they run,
+and sends the handle to the peer once `poll(handle)` says the KV is ready. `recv(...,
+wait=False)` likewise queues the copies into our blocks and returns; `wait_received` then
+waits for every such copy, before the blocks are used, freed or acknowledged.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
 
+DEFAULT_TIMEOUT_S = 10.0
+log = logging.getLogger(__name__)
+
 
 class TransportError(ValueError):
     """An export, handle or block list that does not fit this transport or pool."""
+
+
+def wait_until(ready: Any, timeout_s: float, what: str) -> None:
+    """Poll `ready()` until it is true, yielding the CPU in between; TransportError after
+    `timeout_s`. For waits of micro- to milliseconds (copies already under way)."""
+    deadline = time.monotonic() + timeout_s
+    polls = 0
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TransportError(f"timed out after {timeout_s:g} s waiting for {what}")
+        polls += 1
+        time.sleep(0 if polls < 1000 else 1e-4)
+
+
+def wait_stream(stream: torch.cuda.Stream, timeout_s: float, what: str) -> None:
+    """Wait, at most `timeout_s`, for the work queued on a CUDA stream so far."""
+    done = torch.cuda.Event()
+    done.record(stream)
+    wait_until(done.query, timeout_s, what)
+
+
+def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal (src_start, dst_start, length) runs where both id lists are consecutive."""
+    runs: list[list[int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [(s, d, n) for s, d, n in runs]
+
+
+def as_words(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes viewed as int64 when the last dim allows it: copies and gathers move
+    8 bytes per element instead of 2 (bf16), and bits are bits (no float semantics)."""
+    if (t.shape[-1] * t.element_size()) % 8 == 0:
+        return t.view(torch.int64)
+    return t.view(torch.uint8)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -38,6 +88,8 @@ class KvTransport(ABC):
     """Moves KV blocks between the pools of two workers; see the module docstring."""
 
     name: ClassVar[str] = ""
+    # the peer's recv itself waits for data of a handle sent before `poll` was true
+    recv_waits_for_send: ClassVar[bool] = False
 
     def __init__(self, kv_pool: torch.Tensor, worker: str = "worker") -> None:
         if kv_pool.dim() != 6 or kv_pool.shape[1] != 2:
@@ -70,7 +122,20 @@ class KvTransport(ABC):
 
     @abstractmethod
     def send(self, rid: str, src_block_ids: list[int]) -> dict | None:
-        """Expose or copy the blocks; the handle for KvReady, or None if no room now."""
+        """Start exposing or copying the blocks; the handle, or None if no room now. `rid`
+        names this transfer (one request may make several, with distinct names)."""
+
+    def poll(self, handle: dict) -> bool:
+        """True once the handle's KV is ready for the peer; never blocks. Send the handle
+        only then, unless `recv_waits_for_send` (then the peer's recv waits, at most its
+        timeout, for data the producer is still copying: a pipeline, while it polls). A
+        producer must poll each handle it sends until true: shm_ring stamps its slots here."""
+        return True
+
+    def wait_sent(self, handle: dict, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Block until `poll(handle)` is true, or TransportError after `timeout_s`."""
+        wait_until(lambda: self.poll(handle), timeout_s,
+                   f"{self.name} send of {handle.get('rid')!r}")
 
     @abstractmethod
     def release(self, handle: dict) -> None:
@@ -78,12 +143,29 @@ class KvTransport(ABC):
 
     # decode side
     @abstractmethod
-    def recv(self, peer_export: dict, handle: dict, dst_block_ids: list[int]) -> None:
-        """Copy the handle's blocks into ours; on return the data is in place."""
+    def recv(self, peer_export: dict, handle: dict, dst_block_ids: list[int], *,
+             wait: bool = True, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Copy the handle's blocks into ours. `wait`: on return the data is in place;
+        else (GPU) the copies may still run: call `wait_received` before using, freeing or
+        acknowledging the blocks. Waits at most `timeout_s` for the peer's data."""
+
+    def wait_received(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Every `recv(..., wait=False)` so far has landed (a no-op where recv is synchronous)."""
+        return None
 
     @abstractmethod
     def close(self) -> None:
         """Free what this transport holds; safe to call twice."""
+
+    def _settle_for_close(self) -> None:
+        """Wait (bounded) for our side stream before memory it touches goes away."""
+        stream = getattr(self, "_stream", None)
+        if stream is None:
+            return
+        try:
+            wait_stream(stream, DEFAULT_TIMEOUT_S, f"{self.name} copies of {self.worker!r}")
+        except TransportError as e:
+            log.error("closing with copies still running: %s", e)
 
     def __enter__(self) -> KvTransport:
         return self

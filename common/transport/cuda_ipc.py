@@ -4,10 +4,13 @@ The prefill worker exports its whole pool once, as the CUDA IPC handle of the po
 storage (torch's `UntypedStorage._share_cuda_()`, the tuple torch.multiprocessing sends,
 here as plain msgpack data). The decode worker opens it once per peer
 (`UntypedStorage._new_shared_cuda`), views it as the peer's pool on the peer's GPU, and a
-transfer is one gather on the peer's GPU, one peer-to-peer copy and one scatter into our
-pool (in chunks of at most `max_staged_nbytes`), on a side stream, synchronized before
-`recv` returns. `send` copies nothing: the handle names the source blocks, which the
-prefill worker keeps until `release`.
+transfer is one strided peer copy per run of consecutive blocks or, for fragmented lists,
+one gather on the peer's GPU, one peer-to-peer copy and one scatter into our pool (in
+chunks of at most `max_staged_nbytes`), on a side stream; `recv(wait=True)` waits for them,
+`recv(wait=False)` leaves that to `wait_received`. `send` copies nothing: it records an
+event after the queued work that writes the KV, `poll` is true once that event has
+completed (the handle goes out only then, so the decode side never waits on another
+process's GPU work), and the prefill worker keeps the blocks until `release`.
 
 Both GPUs must be visible in the decode process (pick the device with torch.cuda.set_device,
 not CUDA_VISIBLE_DEVICES); the peer's GPU is found by UUID. The decode process gets a
@@ -16,12 +19,21 @@ CUDA context on the peer's GPU and keeps its staging buffer there (the caching a
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 
 import torch
 
-from common.transport.base import KvTransport, TransportError, dtype_from_name, dtype_name
+from common.transport.base import (
+    DEFAULT_TIMEOUT_S,
+    KvTransport,
+    TransportError,
+    block_runs,
+    dtype_from_name,
+    dtype_name,
+    wait_stream,
+)
 
 DEFAULT_MAX_STAGED_NBYTES = 256 * 2**20
 _EXPORT_FIELDS = ("pid", "device", "device_uuid", "storage", "shape", "stride",
@@ -54,17 +66,6 @@ def _local_device_index(peer_export: dict) -> int:
 MAX_DIRECT_RUNS = 32  # more fragmented than this: gather, one P2P copy, scatter
 
 
-def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal (src_start, dst_start, length) runs where both block lists are consecutive."""
-    runs: list[list[int]] = []
-    for s, d in zip(src, dst, strict=True):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1][2] += 1
-        else:
-            runs.append([s, d, 1])
-    return [(s, d, n) for s, d, n in runs]
-
-
 class CudaIpcTransport(KvTransport):
     name = "cuda_ipc"
 
@@ -80,6 +81,8 @@ class CudaIpcTransport(KvTransport):
         self._export: dict | None = None
         self._peers: dict[bytes, torch.Tensor] = {}  # IPC handle -> the peer's pool
         self._stream = torch.cuda.Stream(self.device)
+        self._numbers = itertools.count(1)
+        self._written: dict[int, torch.cuda.Event] = {}  # send number -> its KV is written
 
     # prefill side
     def export(self) -> dict:
@@ -107,14 +110,28 @@ class CudaIpcTransport(KvTransport):
     def send(self, rid: str, src_block_ids: list[int]) -> dict | None:
         self.check_block_ids(src_block_ids, "src_block_ids")
         self.export()
-        torch.cuda.synchronize(self.device)  # the KV is written before the peer reads it
-        return {"transport": self.name, "rid": rid, "block_ids": list(src_block_ids)}
+        written = torch.cuda.Event()  # after the queued work that writes the KV
+        written.record(torch.cuda.current_stream(self.device))
+        number = next(self._numbers)
+        self._written[number] = written
+        return {"transport": self.name, "rid": rid, "block_ids": list(src_block_ids),
+                "number": number}
+
+    def poll(self, handle: dict) -> bool:
+        """The peer may read the blocks once the prefill work that writes them has run."""
+        written = self._written.get(handle.get("number"))
+        if written is not None and not written.query():
+            return False
+        self._written.pop(handle.get("number"), None)
+        return True
 
     def release(self, handle: dict) -> None:
         self.check_handle(handle, ("rid", "block_ids"))  # the caller frees the blocks
+        self._written.pop(handle.get("number"), None)
 
     # decode side
-    def recv(self, peer_export: dict, handle: dict, dst_block_ids: list[int]) -> None:
+    def recv(self, peer_export: dict, handle: dict, dst_block_ids: list[int], *,
+             wait: bool = True, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.check_handle(handle, ("rid", "block_ids"))
         src_block_ids = handle["block_ids"]
         if len(src_block_ids) != len(dst_block_ids):
@@ -125,7 +142,6 @@ class CudaIpcTransport(KvTransport):
         self.check_block_ids(dst_block_ids, "dst_block_ids", unique=True)
         if not src_block_ids:
             return
-        step = self.blocks_per_copy
         runs = block_runs(src_block_ids, dst_block_ids)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
@@ -135,17 +151,27 @@ class CudaIpcTransport(KvTransport):
                 for s, d, n in runs:
                     self.kv_pool[:, :, d:d + n].copy_(peer_pool[:, :, s:s + n],
                                                       non_blocking=True)
-                self._stream.synchronize()
-                return
-            for i in range(0, len(src_block_ids), step):
-                src = torch.tensor(src_block_ids[i:i + step], device=peer_pool.device)
-                dst = torch.tensor(dst_block_ids[i:i + step], device=self.device)
-                staged = peer_pool.index_select(2, src)  # gather, on the peer's GPU
-                staged = staged.to(self.device, non_blocking=True)  # one P2P copy
-                self.kv_pool.index_copy_(2, dst, staged)  # scatter, on ours
-        self._stream.synchronize()
+            else:
+                self._staged_copy(peer_pool, src_block_ids, dst_block_ids)
+        if wait:
+            self.wait_received(timeout_s)
+
+    def wait_received(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        wait_stream(self._stream, timeout_s, f"cuda_ipc copies into the pool of {self.worker!r}")
+
+    def _staged_copy(self, peer_pool: torch.Tensor, src_block_ids: list[int],
+                     dst_block_ids: list[int]) -> None:
+        """Fragmented lists: gather on the peer's GPU, one P2P copy, scatter on ours."""
+        step = self.blocks_per_copy
+        for i in range(0, len(src_block_ids), step):
+            src = torch.tensor(src_block_ids[i:i + step], device=peer_pool.device)
+            dst = torch.tensor(dst_block_ids[i:i + step], device=self.device)
+            staged = peer_pool.index_select(2, src)  # gather, on the peer's GPU
+            staged = staged.to(self.device, non_blocking=True)  # one P2P copy
+            self.kv_pool.index_copy_(2, dst, staged)  # scatter, on ours
 
     def close(self) -> None:
+        self._settle_for_close()  # no copy may still read a peer's pool we let go
         self._peers.clear()  # the IPC mappings close when their storages die
         if self._export is not None:
             _LOCAL_POOLS.pop(self._export["storage"]["handle"], None)

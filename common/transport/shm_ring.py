@@ -1,63 +1,51 @@
 """shm_ring: KV blocks through a POSIX shared-memory ring of fixed-size slots (one host).
 
-The prefill worker owns the ring: `num_slots` slots of one KV block each (all layers, K and
-V: `[num_layers, 2, block_size, num_kv_heads, head_dim]`, the pool's dtype), in a shared
-memory segment `/dev/shm/nanopd_<worker>_<pid>_<random>`. `send` takes free slots (a free
-list on the prefill side; none if the ring is full), gathers the blocks into them and
-names them in the handle; the decode worker maps the ring once per peer and scatters the
-slots into its blocks; `release` (on KvAck or lease expiry) frees the slots.
+The prefill worker owns the ring, a shared memory segment `/dev/shm/nanopd_<worker>_<pid>_
+<random>`: a header of one int64 stamp per slot, then `num_slots` slots of one KV block each
+(all layers, K and V: `[num_layers, 2, block_size, num_kv_heads, head_dim]`, the pool's
+dtype). `send` takes free slots (a free list on the prefill side; none if the ring is full),
+starts copying the blocks into them and names them in the handle with a fresh transfer
+token; each slot's stamp becomes that token once its data is in place. The decode worker
+maps the ring once per peer, waits piece by piece (`piece_slots` slots) for the stamps and
+copies each piece into its blocks as soon as it is there; `release` (on KvAck or lease
+expiry) frees the slots.
 
 Works for any pair of devices: the copies go device -> ring -> device. With a GPU pool the
-mapping is registered as pinned memory in that process, so the copies run at DMA speed.
+mapping is registered as pinned memory in that process, so the copies run at DMA speed;
+`send` queues one gather and one device-to-host copy per piece on a side stream, each piece
+followed by an event, and returns; `poll` stamps the pieces whose event has completed. While
+the producer polls, the consumer's host-to-device copy of piece i overlaps the producer's
+copy of piece i + 1. With a CPU pool `send` copies and stamps before it returns.
 
-The decode side maps `/dev/shm/<ring>` with a plain mmap rather than `SharedMemory(name)`:
-before Python 3.13 attaching registers the segment with the resource tracker, which then
-unlinks it under the prefill worker, and unregistering it instead would also drop the
-creator's registration when both processes share one tracker (multiprocessing children).
+A stamp is written by the producer's CPU after its data is complete (the event completed or
+the CPU copy returned) and read by the consumer's CPU before it copies: the store order of
+x86-64 keeps data before stamp.
+The segment itself (layout, pinning, attaching without the resource tracker) is
+`shm_segment.py`.
 """
 
 from __future__ import annotations
 
-import logging
-import mmap
-import os
-import re
-import secrets
-from dataclasses import dataclass
-from multiprocessing import shared_memory
+import itertools
 
 import torch
 
-from common.transport.base import KvTransport, TransportError, dtype_name
+from common.transport.base import (
+    DEFAULT_TIMEOUT_S,
+    KvTransport,
+    TransportError,
+    as_words,
+    block_runs,
+    dtype_name,
+    wait_stream,
+    wait_until,
+)
+from common.transport.shm_segment import RingMapping, attach_ring, create_ring
 
-log = logging.getLogger(__name__)
-
-SHM_DIR = "/dev/shm"
 DEFAULT_RING_NBYTES = 256 * 2**20
-_HANDLE_FIELDS = ("ring", "rid", "slots", "num_slots", "slot_shape", "dtype")
-_CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every device context of the process
-
-
-@dataclass
-class _Mapping:
-    """A ring mapped into this process: the tensor view and what keeps it alive."""
-
-    name: str
-    owner: shared_memory.SharedMemory | mmap.mmap
-    ring: torch.Tensor | None  # [num_slots, *block_shape]
-    pinned_ptr: int = 0
-
-    def close(self) -> None:
-        if self.pinned_ptr:
-            err = torch.cuda.cudart().cudaHostUnregister(self.pinned_ptr)
-            if int(err) != 0:
-                log.warning("cudaHostUnregister of ring %s failed (error %d)", self.name, int(err))
-            self.pinned_ptr = 0
-        self.ring = None  # drop the buffer export before closing the mapping
-        try:
-            self.owner.close()
-        except BufferError:
-            log.warning("ring %s still has tensor views; it stays mapped until exit", self.name)
+DEFAULT_PIECE_NBYTES = 4 * 2**20  # a consumer starts on a piece once the producer is done with it
+_HANDLE_FIELDS = ("ring", "rid", "slots", "num_slots", "slot_shape", "dtype", "token",
+                  "piece_slots")
 
 
 def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
@@ -74,9 +62,11 @@ def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
 
 class ShmRingTransport(KvTransport):
     name = "shm_ring"
+    recv_waits_for_send = True  # the stamps
 
     def __init__(self, kv_pool: torch.Tensor, worker: str = "worker",
-                 num_slots: int | None = None, ring_nbytes: int = DEFAULT_RING_NBYTES) -> None:
+                 num_slots: int | None = None, ring_nbytes: int = DEFAULT_RING_NBYTES,
+                 piece_nbytes: int = DEFAULT_PIECE_NBYTES) -> None:
         super().__init__(kv_pool, worker)
         self.num_slots = num_slots if num_slots is not None else ring_nbytes // self.block_nbytes
         if self.num_slots < 1:
@@ -84,10 +74,13 @@ class ShmRingTransport(KvTransport):
                 f"shm ring of {self.num_slots} slots; one KV block is {self.block_nbytes} "
                 f"bytes and ring_nbytes is {ring_nbytes}: raise ring_nbytes or num_slots"
             )
-        self._own: _Mapping | None = None  # prefill side: created on first export/send
+        self.piece_slots = max(1, piece_nbytes // self.block_nbytes)
+        self._own: RingMapping | None = None  # prefill side: created on first export/send
         self._free: list[int] = []  # sorted free slot ids
         self._leases: dict[str, list[int]] = {}  # rid -> its slots, until released
-        self._peers: dict[str, _Mapping] = {}  # decode side: ring name -> mapping
+        self._tokens = itertools.count(1)  # 0: a slot no transfer has filled
+        self._unstamped: dict[int, list[tuple[torch.cuda.Event, torch.Tensor]]] = {}
+        self._peers: dict[str, RingMapping] = {}  # decode side: ring name -> mapping
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._closed = False
 
@@ -110,14 +103,29 @@ class ShmRingTransport(KvTransport):
         slots = self._alloc(len(src_block_ids))
         if slots is None:
             return None
+        token = next(self._tokens)
         try:
             if slots:
-                self._copy_to_ring(own.ring, src_block_ids, slots)
+                self._copy_to_ring(own, src_block_ids, slots, token)
         except BaseException:
             self._free = sorted(self._free + slots)
             raise
         self._leases[rid] = slots
-        return {**self.export(), "rid": rid, "slots": slots}
+        return {**self.export(), "rid": rid, "slots": slots, "token": token,
+                "piece_slots": self.piece_slots}
+
+    def poll(self, handle: dict) -> bool:
+        token = handle.get("token")
+        pieces = self._unstamped.get(token)
+        if pieces is None:
+            return True
+        assert self._own is not None and self._own.stamps is not None
+        while pieces and pieces[0][0].query():
+            self._own.stamps[pieces.pop(0)[1]] = token
+        if pieces:
+            return False
+        del self._unstamped[token]
+        return True
 
     def release(self, handle: dict) -> None:
         self.check_handle(handle, _HANDLE_FIELDS)
@@ -128,10 +136,12 @@ class ShmRingTransport(KvTransport):
             )
         if self._leases.get(handle["rid"]) == handle["slots"]:
             self._free = sorted(self._free + self._leases.pop(handle["rid"]))
+            self._unstamped.pop(handle["token"], None)
         # else: released already (KvAck after lease expiry); nothing to do
 
     # decode side
-    def recv(self, peer_export: dict, handle: dict, dst_block_ids: list[int]) -> None:
+    def recv(self, peer_export: dict, handle: dict, dst_block_ids: list[int], *,
+             wait: bool = True, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.check_handle(handle, _HANDLE_FIELDS)
         if peer_export and peer_export.get("ring", handle["ring"]) != handle["ring"]:
             raise TransportError(
@@ -146,79 +156,53 @@ class ShmRingTransport(KvTransport):
             )
         self.check_block_ids(slots, f"ring {handle['ring']!r} slots", handle["num_slots"])
         self.check_block_ids(dst_block_ids, "dst_block_ids", unique=True)
+        piece = handle["piece_slots"]
+        if isinstance(piece, bool) or not isinstance(piece, int) or piece < 1:
+            raise TransportError(f"handle has piece_slots {piece!r}; expected an int >= 1")
         if slots:
-            ring = self._attach(handle["ring"], handle["num_slots"])
-            self._copy_from_ring(ring, slots, dst_block_ids)
+            mapping = self._attach(handle["ring"], handle["num_slots"])
+            self._copy_from_ring(mapping, handle, dst_block_ids, timeout_s)
+            if wait:
+                self.wait_received(timeout_s)
+
+    def wait_received(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if self._stream is not None:
+            wait_stream(self._stream, timeout_s,
+                        f"shm_ring copies into the pool of {self.worker!r}")
 
     def close(self) -> None:
         self._closed = True
+        if self._stream is not None:  # no copy may still run into a mapping we unmap
+            self._settle_for_close()
         for mapping in self._peers.values():
             mapping.close()
         self._peers.clear()
         if self._own is not None:
             own, self._own = self._own, None
             own.close()
-            try:
-                own.owner.unlink()
-            except FileNotFoundError:
-                pass
-            self._free, self._leases = [], {}
+            own.unlink()
+            self._free, self._leases, self._unstamped = [], {}, {}
 
     # internals
-    def _ensure_ring(self) -> _Mapping:
+    def _ensure_ring(self) -> RingMapping:
         if self._own is None:
             if self._closed:
                 raise TransportError(f"shm_ring transport of {self.worker!r} is closed")
-            worker = re.sub(r"[^A-Za-z0-9_.-]", "_", self.worker)[:64]
-            name = f"nanopd_{worker}_{os.getpid()}_{secrets.token_hex(4)}"
-            nbytes = self.num_slots * self.block_nbytes
-            shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
-            self._own = self._map(shm.name, shm, shm.buf)
+            self._own = create_ring(self.worker, self.num_slots, self.block_shape,
+                                    self.kv_pool.dtype, pin=self._stream is not None)
             self._free = list(range(self.num_slots))
-            log.info("shm ring %s: %d slots of %d bytes", shm.name, self.num_slots,
-                     self.block_nbytes)
         return self._own
 
-    def _attach(self, name: str, num_slots: int) -> torch.Tensor:
+    def _attach(self, name: str, num_slots: int) -> RingMapping:
         mapping = self._peers.get(name)
         if mapping is None:
-            nbytes = num_slots * self.block_nbytes
-            try:
-                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
-            except FileNotFoundError:
-                raise TransportError(
-                    f"shm ring {name!r} is not in {SHM_DIR}: its prefill worker closed it or "
-                    "runs on another host (use the dist transport across hosts)"
-                ) from None
-            try:
-                size = os.fstat(fd).st_size
-                if size < nbytes:
-                    raise TransportError(f"shm ring {name!r} has {size} bytes; the handle "
-                                         f"needs {num_slots} slots of {self.block_nbytes}")
-                mm = mmap.mmap(fd, nbytes)
-            finally:
-                os.close(fd)
-            mapping = self._peers[name] = self._map(name, mm, mm, num_slots)
+            mapping = self._peers[name] = attach_ring(name, num_slots, self.block_shape,
+                                                      self.kv_pool.dtype,
+                                                      pin=self._stream is not None)
         assert mapping.ring is not None
         if mapping.ring.shape[0] != num_slots:
             raise TransportError(f"handle says ring {name!r} has {num_slots} slots; "
                                  f"it was mapped with {mapping.ring.shape[0]}")
-        return mapping.ring
-
-    def _map(self, name: str, owner: shared_memory.SharedMemory | mmap.mmap,
-             buf: memoryview | mmap.mmap, num_slots: int | None = None) -> _Mapping:
-        num_slots = self.num_slots if num_slots is None else num_slots
-        flat = torch.frombuffer(buf, dtype=torch.uint8, count=num_slots * self.block_nbytes)
-        ring = flat.view(self.kv_pool.dtype).view(num_slots, *self.block_shape)
-        mapping = _Mapping(name, owner, ring)
-        if self.device.type == "cuda":
-            ptr, nbytes = ring.data_ptr(), ring.numel() * ring.element_size()
-            err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _CUDA_HOST_REGISTER_PORTABLE)
-            if int(err) == 0:
-                mapping.pinned_ptr = ptr
-            else:
-                log.warning("cudaHostRegister of ring %s (%d bytes) failed (error %d); copies "
-                            "run at pageable speed (check ulimit -l)", name, nbytes, int(err))
         return mapping
 
     def _alloc(self, n: int) -> list[int] | None:
@@ -236,40 +220,64 @@ class ShmRingTransport(KvTransport):
         self._free = [s for s in free if s not in taken]
         return slots
 
-    def _by_block(self) -> torch.Tensor:
-        return self.kv_pool.permute(2, 0, 1, 3, 4, 5)  # [num_blocks, *block_shape] view
+    def _words_by_block(self) -> torch.Tensor:
+        """The pool as [num_blocks, *block_shape] (a view), in 8-byte words."""
+        return as_words(self.kv_pool).permute(2, 0, 1, 3, 4, 5)
 
-    def _copy_to_ring(self, ring: torch.Tensor, src_block_ids: list[int],
-                      slots: list[int]) -> None:
-        by_block = self._by_block()
+    def _copy_to_ring(self, own: RingMapping, src_block_ids: list[int], slots: list[int],
+                      token: int) -> None:
+        assert own.ring is not None and own.stamps is not None
+        by_block, ring = self._words_by_block(), as_words(own.ring)
         if self._stream is None:  # CPU: gather straight into each stretch of slots
             src = torch.tensor(src_block_ids, dtype=torch.long)
             for first, count, off in slot_runs(slots):
                 torch.index_select(by_block, 0, src[off:off + count],
                                    out=ring[first:first + count])
+            own.stamps[torch.tensor(slots)] = token
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        pieces = []
         with torch.cuda.stream(self._stream):
-            src = torch.tensor(src_block_ids, dtype=torch.long, device=self.device)
-            staged = by_block.index_select(0, src)  # one gather on the GPU
-            for first, count, off in slot_runs(slots):  # one DMA per stretch of slots
-                ring[first:first + count].copy_(staged[off:off + count], non_blocking=True)
-        self._stream.synchronize()
+            src = torch.tensor(src_block_ids, dtype=torch.long, pin_memory=True)
+            staged = by_block.index_select(0, src.to(self.device, non_blocking=True))
+            for start in range(0, len(slots), self.piece_slots):  # one DMA per stretch of slots
+                part = slots[start:start + self.piece_slots]
+                for first, count, off in slot_runs(part):
+                    ring[first:first + count].copy_(staged[start + off:start + off + count],
+                                                    non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self._stream)
+                pieces.append((copied, torch.tensor(part)))
+        self._unstamped[token] = pieces
 
-    def _copy_from_ring(self, ring: torch.Tensor, slots: list[int],
-                        dst_block_ids: list[int]) -> None:
-        by_block = self._by_block()
-        if self._stream is None:  # CPU: scatter each stretch of slots straight into the pool
-            dst = torch.tensor(dst_block_ids, dtype=torch.long)
-            for first, count, off in slot_runs(slots):
-                by_block.index_copy_(0, dst[off:off + count], ring[first:first + count])
+    def _copy_from_ring(self, mapping: RingMapping, handle: dict, dst_block_ids: list[int],
+                        timeout_s: float) -> None:
+        assert mapping.ring is not None and mapping.stamps is not None
+        by_block, ring, stamps = self._words_by_block(), as_words(mapping.ring), mapping.stamps
+        slots, token, step = handle["slots"], handle["token"], handle["piece_slots"]
+
+        def wait_piece(part: list[int]) -> None:
+            ids = torch.tensor(part)
+            wait_until(lambda: bool((stamps[ids] == token).all()), timeout_s,
+                       f"the data of transfer {handle['rid']!r} in ring {handle['ring']!r} "
+                       f"slots {part[0]}.. (its prefill worker failed, or the handle is stale)")
+
+        if self._stream is None:  # CPU: each piece straight into the pool once it is there
+            for start in range(0, len(slots), step):
+                wait_piece(slots[start:start + step])
+                for dst, first, count in block_runs(dst_block_ids[start:start + step],
+                                                    slots[start:start + step]):
+                    by_block[dst:dst + count].copy_(ring[first:first + count])
             return
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            staged = torch.empty((len(slots), *self.block_shape), dtype=self.kv_pool.dtype,
+            staged = torch.empty((len(slots), *ring.shape[1:]), dtype=ring.dtype,
                                  device=self.device)
-            for first, count, off in slot_runs(slots):
-                staged[off:off + count].copy_(ring[first:first + count], non_blocking=True)
-            dst = torch.tensor(dst_block_ids, dtype=torch.long, device=self.device)
-            by_block.index_copy_(0, dst, staged)  # one scatter on the GPU
-        self._stream.synchronize()
+            for start in range(0, len(slots), step):  # one DMA per stretch of slots
+                part = slots[start:start + step]
+                wait_piece(part)
+                for first, count, off in slot_runs(part):
+                    staged[start + off:start + off + count].copy_(ring[first:first + count],
+                                                                  non_blocking=True)
+            dst = torch.tensor(dst_block_ids, dtype=torch.long, pin_memory=True)
+            by_block.index_copy_(0, dst.to(self.device, non_blocking=True), staged)

@@ -20,6 +20,7 @@ from common.protocol import (
     AbortRequest,
     Heartbeat,
     KvAck,
+    KvChunk,
     KvReady,
     Message,
     RequestDone,
@@ -83,6 +84,8 @@ class Worker:
                 self.on_run(msg)
             elif isinstance(msg, Reserve):
                 self.handoff.on_reserve(msg)
+            elif isinstance(msg, KvChunk):
+                self.handoff.on_kv_chunk(msg)
             elif isinstance(msg, KvReady):
                 self.handoff.on_kv_ready(msg)
             elif isinstance(msg, KvAck):
@@ -148,7 +151,7 @@ class Worker:
         write_status(self.cfg.run_path, self.name, role=self.wcfg.role,
                      device=self.wcfg.device, **{k: st[k] for k in (
                          "num_running", "num_waiting", "num_free_blocks", "num_blocks",
-                         "peak_batch_seqs")})
+                         "peak_batch_seqs")}, **self.handoff.counts)
 
     def run(self) -> None:
         self.heartbeat()

@@ -65,6 +65,9 @@ class NullEngine:
     def take_prefilled(self) -> list[Sequence]:
         return []
 
+    def computed_blocks(self, rid: str) -> list[int]:
+        return []
+
     def reserve(self, rid: str, num_tokens: int) -> list[int] | None:
         return None
 

@@ -1,5 +1,6 @@
-"""Disaggregated on two GPUs: prefill on cuda:0, KV over cuda_ipc / shm_ring, decode on
-cuda:1 in another process; the tokens equal a collocated run."""
+"""Disaggregated across processes: prefill on cuda:0, KV over cuda_ipc / shm_ring, decode on
+cuda:1 in another process (cuda:0 too on a one-GPU machine); the tokens equal a collocated
+run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.multiprocessing as mp
 
 NUM_NEW = 24
 LENGTHS = [7, 40, 129]
+DECODE_DEVICE = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
 
 
 def _engine(path: str, device: str, dtype: str):
@@ -45,6 +47,7 @@ def _prefill(path, dtype, transport, to_decode, from_decode):
         (seq,) = eng.take_prefilled()
         nb = -(-len(prompt) // eng.config.block_size)
         handle = t.send(rid, seq.block_table[:nb])
+        t.wait_sent(handle)  # the copies ran (shm_ring) / the KV is written (cuda_ipc)
         to_decode.put((handle, list(seq.token_ids)))
         assert from_decode.get(timeout=120) == ("ack", rid)
         t.release(handle)
@@ -56,8 +59,8 @@ def _decode(path, dtype, transport, prompts, to_prefill, from_prefill, results):
     from common.transport import make_transport
     from services.worker.engine import SamplingParams
 
-    torch.cuda.set_device(1)
-    eng = _engine(path, "cuda:1", dtype)
+    torch.cuda.set_device(torch.device(DECODE_DEVICE))
+    eng = _engine(path, DECODE_DEVICE, dtype)
     t = make_transport(transport, eng.runner.kv_pool, worker="d")
     export = from_prefill.get(timeout=300)
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
@@ -81,9 +84,8 @@ def _decode(path, dtype, transport, prompts, to_prefill, from_prefill, results):
 @pytest.mark.parametrize("transport", ["cuda_ipc", "shm_ring"])
 @pytest.mark.parametrize("shape, dtype", [("tiny-qwen3", "float32"),
                                           ("qwen2.5-1.5b", "bfloat16")])
-def test_disaggregated_equals_collocated_on_two_gpus(tmp_path_factory, transport, shape, dtype):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+def test_disaggregated_equals_collocated_across_processes(tmp_path_factory, transport, shape,
+                                                          dtype):
     from services.worker.models.random_model import tiny_test_model, write_random_model
 
     root = tmp_path_factory.getbasetemp() / "disagg-models"

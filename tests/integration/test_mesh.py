@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from common.config import default_config
+from common.config import MeshConfig, default_config
 from services import launcher
 from services.client import Client, GatewayError
 from services.launcher_config import dump_toml
 
 PROMPT = "What is the capital of France?"
+PREFILL_BUDGET_TOKENS = 16  # a token budget that makes PROMPT take several prefill steps
 
 
 def free_port() -> int:
@@ -52,16 +53,21 @@ def statuses(cfg) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in d.glob("*.json")}
 
 
-def test_every_route_gives_the_offline_engine_greedy_tokens(mesh):
+@pytest.fixture(scope="module")
+def offline():
+    """The offline engine's greedy answer to PROMPT: (prompt token ids, output token ids)."""
     from services.worker.engine import LLM, SamplingParams
 
     llm = LLM()
     want = llm.generate([llm.chat_prompt(PROMPT)], SamplingParams(temperature=0, max_tokens=24))
-    del llm
+    return want[0].prompt_token_ids, want[0].token_ids
+
+
+def test_every_route_gives_the_offline_engine_greedy_tokens(mesh, offline):
     for route in ("collocated", "disaggregated", "auto"):
         with client(mesh) as c:
             got = c.generate(PROMPT, route=route, temperature=0, max_tokens=24)
-        assert got.token_ids == want[0].token_ids, route
+        assert got.token_ids == offline[1], route
         assert "Paris" in got.text
     paths = statuses(mesh)["router"]["paths"]
     assert paths.get("collocated", 0) >= 1 and paths.get("disaggregated", 0) >= 1
@@ -102,21 +108,46 @@ def test_bad_input_gets_a_clear_error_and_the_mesh_serves_on(mesh):
         assert "Paris" in c.generate(PROMPT, temperature=0, max_tokens=16).text
 
 
-def test_restart_a_decode_worker_and_serve_again(mesh):
-    old = statuses(mesh)["decode0"]["pid"]
-    launcher.restart("decode0", mesh.run_dir, timeout_s=300, echo=lambda *a: None)
-    assert statuses(mesh)["decode0"]["pid"] != old
+def restart_and_ask(mesh, name: str, max_tokens: int):
+    old = statuses(mesh)[name]["pid"]
+    launcher.restart(name, mesh.run_dir, timeout_s=300, echo=lambda *a: None)
+    assert statuses(mesh)[name]["pid"] != old
     deadline = time.monotonic() + 30
     while True:  # the router learns the new worker from its heartbeats
         try:
             with client(mesh) as c:
-                got = c.generate(PROMPT, route="disaggregated", temperature=0, max_tokens=16)
-            break
+                return c.generate(PROMPT, route="disaggregated", temperature=0,
+                                  max_tokens=max_tokens)
         except GatewayError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-    assert "Paris" in got.text
+
+
+def test_restart_a_decode_worker_and_serve_again(mesh):
+    assert "Paris" in restart_and_ask(mesh, "decode0", max_tokens=16).text
+
+
+def test_kv_ships_chunk_by_chunk_when_the_prompt_takes_several_prefill_steps(mesh, offline):
+    """The prefill worker restarted with a token budget below the prompt's length: its KV
+    goes in KvChunks while later chunks compute, then KvReady; same greedy tokens."""
+    prompt_ids, want = offline
+    assert len(prompt_ids) > 2 * PREFILL_BUDGET_TOKENS  # at least two chunks before KvReady
+    path = Path(mesh.run_dir) / "mesh.toml"  # what `restart` starts the worker with
+    cfg = MeshConfig.load(path)
+    for w in cfg.workers:
+        if w.role == "prefill":
+            w.engine["max_num_batched_tokens"] = PREFILL_BUDGET_TOKENS
+    path.write_text(dump_toml(cfg))
+    assert restart_and_ask(mesh, "prefill0", max_tokens=24).token_ids == want
+    deadline = time.monotonic() + 10
+    while True:  # the counters reach the status files with the next heartbeats
+        st = statuses(mesh)
+        if st["prefill0"]["num_kv_chunks_sent"] >= 2 and st["decode0"][
+                "num_kv_chunks_received"] >= 2:
+            break
+        assert time.monotonic() < deadline, (st["prefill0"], st["decode0"])
+        time.sleep(0.2)
 
 
 def test_no_kv_blocks_held_anywhere_after_all_requests(mesh):

@@ -12,6 +12,8 @@ from common.protocol import (
     ALL_MESSAGES,
     MAX_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
+    KvChunk,
+    KvReady,
     ProtocolError,
     Submit,
     TokenDelta,
@@ -70,3 +72,25 @@ def test_bad_frames_are_refused_with_a_reason(frames, reason):
 def test_no_pickle_on_the_wire():
     payload = encode(Submit(prompt="hi"))[1]
     assert b"pickle" not in payload and payload[:1] != b"\x80"  # pickle protocol marker
+
+
+def test_kv_chunk_and_kv_ready_carry_transport_handles():
+    handle = {"transport": "cuda_ipc", "rid": "r#0", "block_ids": [4, 5, 9], "number": 3,
+              "export": {"storage": {"handle": b"\x00\xff" * 32, "nbytes": 1 << 40},
+                         "shape": [28, 2, 4096, 16, 2, 128]}}
+    chunk = KvChunk(rid="r", src_address="ipc:///tmp/p.sock", index=2, block_offset=7,
+                    num_blocks=3, transport="cuda_ipc", handle=handle)
+    assert decode(encode(chunk)) == chunk
+    ready = KvReady(rid="r", token_ids=[1, 2, 3], num_prompt_tokens=2, transport="cuda_ipc",
+                    handle=handle, block_offset=10, num_chunks=3)
+    assert decode(encode(ready)) == ready
+
+
+def test_kv_ready_without_the_chunk_fields_means_no_chunks():
+    """A KvReady from a sender that ships no chunks (older builds) decodes as before."""
+    payload = msgpack.packb({"rid": "r", "token_ids": [1, 2], "num_prompt_tokens": 1},
+                            use_bin_type=True)
+    msg = decode([bytes((PROTOCOL_VERSION, KvReady.KIND)), payload])
+    assert msg.block_offset == 0 and msg.num_chunks == 0
+    with pytest.raises(ProtocolError, match="KvChunk.num_blocks must be int"):
+        decode([bytes((PROTOCOL_VERSION, KvChunk.KIND)), msgpack.packb({"num_blocks": "3"})])

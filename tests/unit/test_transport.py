@@ -15,7 +15,8 @@ import torch
 from common.protocol import KvReady, decode, encode
 from common.transport import TransportError, make_transport, transports_for
 from common.transport.base import dtype_from_name, dtype_name
-from common.transport.shm_ring import SHM_DIR, ShmRingTransport, slot_runs
+from common.transport.shm_ring import ShmRingTransport, slot_runs
+from common.transport.shm_segment import SHM_DIR
 
 NUM_LAYERS, NUM_BLOCKS, NUM_KV_HEADS, HEAD_DIM = 2, 24, 2, 8
 
@@ -110,6 +111,44 @@ def test_two_processes_kv_arrives_bitwise(decode_proc, dtype, block_size):
             p.release(handle)
         assert os.path.exists(ring_path(export))
     assert not os.path.exists(ring_path(export))
+
+
+def test_kv_shipped_in_chunks_arrives_bitwise(decode_proc):
+    """A prompt's blocks in several sends (one per prefill chunk), each into its share of
+    the destination blocks, some in several pieces: the whole arrives bit for bit."""
+    pool = make_pool(8, torch.bfloat16, seed=5)
+    rng = random.Random(5)
+    src = rng.sample(range(NUM_BLOCKS), 11)
+    dst = rng.sample(range(NUM_BLOCKS), 11)
+    block_nbytes = pool[:, :, 0].numel() * pool.element_size()
+    with ShmRingTransport(pool, "prefill", num_slots=16, piece_nbytes=2 * block_nbytes) as p:
+        export, handles = p.export(), []
+        for i, (a, b) in enumerate([(0, 4), (4, 5), (5, 11)]):
+            handle = p.send(f"r#{i}", src[a:b])
+            assert p.poll(handle) and handle["piece_slots"] == 2
+            handles.append(handle)
+            assert decode_proc(export, handle, dst[a:b], pool) == block_bytes(pool, src[a:b])
+        for handle in handles:
+            p.release(handle)
+        assert p.num_free_slots == 16
+
+
+def test_a_stale_handle_times_out_instead_of_reading_other_data():
+    pool = make_pool(8)
+    with ShmRingTransport(pool, "p", num_slots=4) as p, \
+            ShmRingTransport(torch.zeros_like(pool), "d") as d:
+        old = p.send("a", [1, 2])
+        p.release(old)
+        new = p.send("b", [3, 4])  # the same slots, another transfer
+        assert new["slots"] == old["slots"] and new["token"] != old["token"]
+        with pytest.raises(TransportError, match="handle is stale"):
+            d.recv(p.export(), old, [0, 1], timeout_s=0.05)
+        assert not d.kv_pool.any()
+        d.recv(p.export(), new, [0, 1], wait=False)
+        d.wait_received()
+        assert block_bytes(d.kv_pool, [0, 1]) == block_bytes(pool, [3, 4])
+        with pytest.raises(TransportError, match="piece_slots 0"):
+            d.recv(p.export(), {**new, "piece_slots": 0}, [0, 1])
 
 
 def test_recv_writes_only_the_destination_blocks():

@@ -76,7 +76,7 @@ def test_full_hand_off_over_shm_ring_then_ack_frees_the_prefill_side(pair):
     (ack,) = d.of(KvAck)
     assert ack.ok and d.of(Tokens)[0].token_ids == [ready.token_ids[-1]]
     p.handoff.on_ack(ack)
-    assert free(p) and not p.handoff.held and "r" not in p.legs
+    assert free(p) and not p.handoff.outgoing and "r" not in p.legs
 
 
 def test_kv_without_reservation_is_refused(pair):

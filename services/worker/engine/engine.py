@@ -126,6 +126,15 @@ class LLMEngine:
         out, self._prefilled = self._prefilled, []
         return out
 
+    def computed_blocks(self, rid: str) -> list[int]:
+        """A prefill-only request still computing its prompt: its blocks whose every position
+        has KV, in order (these may ship before the prompt completes); [] otherwise."""
+        seqs = self.seqs.get(rid)
+        if not seqs or not seqs[0].prefill_only or seqs[0].status != SequenceStatus.RUNNING:
+            return []
+        seq = seqs[0]
+        return seq.block_table[:seq.num_computed_tokens // self.config.block_size]
+
     def release(self, rid: str) -> bool:
         """Free a held prefill-only sequence's blocks (the peer has its KV, or gave up)."""
         seq = self.held.pop(rid, None)
