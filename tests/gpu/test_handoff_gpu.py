@@ -33,9 +33,17 @@ def engine(path: str, device: str, **kw):
                block_size=BLOCK_SIZE, **kw).engine
 
 
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    """A tiny random model without a tokenizer: the GPU machine has no default model."""
+    from services.worker.models.random_model import tiny_test_model
+
+    return str(tiny_test_model("tiny-llama", tmp_path_factory.mktemp("handoff-gpu"), None))
+
+
 @pytest.mark.parametrize("transport", ["cuda_ipc", "shm_ring"])
-def test_chunked_hand_off_on_gpu_equals_collocated(tiny_model, transport):
-    path = str(tiny_model("tiny-llama"))
+def test_chunked_hand_off_on_gpu_equals_collocated(model_path, transport):
+    path = model_path
     colloc = engine(path, "cuda:0", max_num_batched_tokens=BUDGET)
     colloc.add_request("c", PROMPT, SamplingParams.from_dict(SAMPLING))
     want = []

