@@ -1,8 +1,10 @@
 """Every message that crosses a socket, defined once, msgpack-encoded, versioned.
 
-Wire format: two frames, `[header, payload]`. The header is two bytes,
-`(PROTOCOL_VERSION, kind)`, so a receiver can route on the kind without decoding the
-payload; the payload is a msgpack map of the message's fields. No pickle anywhere.
+Wire format: one ZeroMQ multipart message carries a batch of N >= 1 messages as N + 1
+frames, `[header, payload_1, ..., payload_N]`. The header is `PROTOCOL_VERSION` then one
+kind byte per payload, so a receiver can route on the kinds without decoding a payload; a
+payload is a msgpack map of its message's fields. One message is `[(version, kind),
+payload]`. A sender flushes what it queued for one peer as one batch. No pickle anywhere.
 Messages are grouped by the process that receives them.
 """
 
@@ -16,8 +18,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a multipart message is a batch of messages
 MAX_PAYLOAD_BYTES = 64 * 2**20  # a 64 MiB control message is a bug or an attack
+MAX_BATCH = 1024  # messages in one multipart message
 
 
 class ProtocolError(ValueError):
@@ -210,23 +213,68 @@ class Tokens(Message):
 
 
 # ---- encoding
+def pack(msg: Message) -> bytes:
+    """The payload frame of `msg`."""
+    return msgpack.packb({name: getattr(msg, name) for name in _field_types(type(msg))},
+                         use_bin_type=True)
+
+
 def encode(msg: Message) -> list[bytes]:
-    payload = msgpack.packb(
-        {name: getattr(msg, name) for name in _field_types(type(msg))}, use_bin_type=True
-    )
-    return [bytes((PROTOCOL_VERSION, msg.KIND)), payload]
+    return [bytes((PROTOCOL_VERSION, msg.KIND)), pack(msg)]
+
+
+def batch_frames(kinds: bytes | bytearray, payloads: list[bytes]) -> list[bytes]:
+    """The frames of one batch of already packed messages (at most MAX_BATCH)."""
+    return [bytes((PROTOCOL_VERSION,)) + kinds, *payloads]
+
+
+def encode_batch(msgs: list[Message]) -> list[bytes]:
+    """`msgs` (at most MAX_BATCH) as the frames of one batch."""
+    return batch_frames(bytes(m.KIND for m in msgs), [pack(m) for m in msgs])
 
 
 def decode(frames: list[bytes]) -> Message:
-    """The message in `[header, payload]`, or ProtocolError saying what is wrong."""
+    """The one message in `[header, payload]`, or ProtocolError saying what is wrong."""
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames (header, payload), got {len(frames)}")
-    header, payload = bytes(frames[0]), frames[1]
-    if len(header) != 2:
-        raise ProtocolError(f"header must be 2 bytes (version, kind), got {len(header)}")
-    version, kind = header
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version}; this build speaks {PROTOCOL_VERSION}")
+    out = decode_batch(frames)[0]
+    if isinstance(out, ProtocolError):
+        raise out
+    return out
+
+
+def decode_batch(frames: list[bytes]) -> list[Message | ProtocolError]:
+    """The messages of one batch, in order. A bad payload is a ProtocolError in its place,
+    so one bad message costs only itself; a bad header (version, kind count) raises."""
+    if not frames:
+        raise ProtocolError("expected a header frame and payload frames, got no frames")
+    header = frames[0] if isinstance(frames[0], bytes) else bytes(frames[0])
+    if len(header) < 2:
+        raise ProtocolError(f"header must be 1 version byte + 1 kind byte per message, got "
+                            f"{len(header)} byte(s)")
+    if header[0] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header[0]}; this build speaks {PROTOCOL_VERSION}")
+    num_msgs = len(header) - 1
+    if num_msgs > MAX_BATCH:
+        raise ProtocolError(f"a batch of {num_msgs} messages; the limit is {MAX_BATCH}")
+    if len(frames) != num_msgs + 1:
+        raise ProtocolError(f"the header names {num_msgs} message(s) but {len(frames) - 1} "
+                            "payload frame(s) follow")
+    if num_msgs == 1:
+        try:
+            return [_decode_one(header[1], frames[1])]
+        except ProtocolError as e:
+            return [e]
+    out: list[Message | ProtocolError] = []
+    for i in range(num_msgs):
+        try:
+            out.append(_decode_one(header[i + 1], frames[i + 1]))
+        except ProtocolError as e:
+            out.append(ProtocolError(f"message {i + 1} of {num_msgs}: {e}"))
+    return out
+
+
+def _decode_one(kind: int, payload: bytes) -> Message:
     cls = _REGISTRY.get(kind)
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind}")

@@ -1,11 +1,13 @@
 """The router service: owns the decision and tracks every request to its end.
 
 Loop: drain the inbox (gateway requests, worker heartbeats and replies) -> check timeouts
--> refresh status. It blocks on the inbox; timeouts are checked at least every heartbeat.
+-> refresh status -> flush (one batch per peer). It blocks on the inbox; timeouts are
+checked at least every heartbeat.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import time
@@ -198,13 +200,14 @@ class Router:
         log.info("router (%s) ready at %s", self.cfg.strategy, self.cfg.router_inbox)
         next_check = 0.0
         while not self.stopping:
-            first = self.inbox.recv(int(self.cfg.heartbeat_s * 1000))
-            for msg in ([first] if first else []) + self.inbox.drain():
+            self.inbox.wait(int(self.cfg.heartbeat_s * 1000))
+            for msg in self.inbox.drain():
                 self.handle(msg)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.cfg.heartbeat_s
                 self.check_timeouts()
                 self.write_status()
+            self.out.flush()
         clear_status(self.cfg.run_path, "router")
         self.out.close()
         self.inbox.close()
@@ -213,6 +216,7 @@ class Router:
 
 def run_router(cfg: MeshConfig) -> None:
     router = Router(cfg)
+    gc.freeze()  # what startup made lives on: keep it out of every gc pass
 
     def stop(signum: int, frame: object) -> None:
         router.stopping = True

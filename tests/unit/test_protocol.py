@@ -1,4 +1,5 @@
-"""Every message round-trips; bad frames are refused with a clear reason."""
+"""Every message round-trips, alone and in batches; bad frames are refused with a clear
+reason."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import pytest
 
 from common.protocol import (
     ALL_MESSAGES,
+    MAX_BATCH,
     MAX_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
+    Abort,
     ProtocolError,
     Submit,
     TokenDelta,
     decode,
+    decode_batch,
     encode,
+    encode_batch,
 )
 
 SAMPLE_VALUES = {str: "x-é", int: 7, float: 0.5, bool: True, list: [1, 2, 3], dict: {"a": 1}}
@@ -49,7 +54,7 @@ def test_kinds_are_unique():
     "frames, reason",
     [
         ([b"\x01\x01"], "expected 2 frames"),
-        ([b"\x01", b""], "header must be 2 bytes"),
+        ([b"\x01", b""], "header must be 1 version byte"),
         ([bytes((PROTOCOL_VERSION + 1, 1)), msgpack.packb({})], "protocol version"),
         ([bytes((PROTOCOL_VERSION, 250)), msgpack.packb({})], "unknown message kind 250"),
         ([bytes((PROTOCOL_VERSION, Submit.KIND)), b"\xc1garbage"], "not valid msgpack"),
@@ -70,3 +75,46 @@ def test_bad_frames_are_refused_with_a_reason(frames, reason):
 def test_no_pickle_on_the_wire():
     payload = encode(Submit(prompt="hi"))[1]
     assert b"pickle" not in payload and payload[:1] != b"\x80"  # pickle protocol marker
+
+
+# ---- batches: one multipart message, N + 1 frames
+def test_a_batch_round_trips_in_order():
+    msgs = [_example(cls) for cls in ALL_MESSAGES]
+    frames = encode_batch(msgs)
+    assert len(frames) == len(msgs) + 1
+    assert frames[0] == bytes((PROTOCOL_VERSION, *(m.KIND for m in msgs)))
+    assert decode_batch(frames) == msgs
+    assert decode_batch(encode(msgs[0])) == [msgs[0]]  # one message is a batch of one
+
+
+def test_a_bad_message_in_a_batch_costs_only_itself():
+    frames = encode_batch([Submit(prompt="a"), Submit(prompt="b"), Submit(prompt="c")])
+    frames[2] = msgpack.packb({"stream": "yes"})
+    first, bad, last = decode_batch(frames)
+    assert first == Submit(prompt="a") and last == Submit(prompt="c")
+    assert isinstance(bad, ProtocolError)
+    assert "message 2 of 3" in str(bad) and "Submit.stream must be bool" in str(bad)
+
+
+@pytest.mark.parametrize(
+    "frames, reason",
+    [
+        ([], "no frames"),
+        ([bytes((PROTOCOL_VERSION,))], "header must be"),
+        ([bytes((PROTOCOL_VERSION, Submit.KIND, Submit.KIND)), msgpack.packb({})],
+         "names 2 message\\(s\\) but 1 payload"),
+        ([bytes((PROTOCOL_VERSION, Submit.KIND)), msgpack.packb({}), msgpack.packb({})],
+         "names 1 message\\(s\\) but 2 payload"),
+        ([bytes((PROTOCOL_VERSION + 1, Submit.KIND, Submit.KIND)), b"", b""], "protocol version"),
+        ([bytes((PROTOCOL_VERSION,)) + bytes([Abort.KIND]) * (MAX_BATCH + 1),
+          *[msgpack.packb({})] * (MAX_BATCH + 1)], "limit is"),
+    ],
+)
+def test_malformed_batches_are_refused_whole(frames, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        decode_batch(frames)
+
+
+def test_decode_takes_exactly_one_message():
+    with pytest.raises(ProtocolError, match="expected 2 frames"):
+        decode(encode_batch([Abort(rid="a"), Abort(rid="b")]))
