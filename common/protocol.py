@@ -214,9 +214,9 @@ class Tokens(Message):
 
 # ---- encoding
 def pack(msg: Message) -> bytes:
-    """The payload frame of `msg`."""
-    return msgpack.packb({name: getattr(msg, name) for name in _field_types(type(msg))},
-                         use_bin_type=True)
+    """The payload frame of `msg`. A message's `__dict__` is exactly its fields (no slots,
+    no extra attributes: tests/unit/test_protocol.py checks), so it is packed as it is."""
+    return msgpack.packb(msg.__dict__, use_bin_type=True)
 
 
 def encode(msg: Message) -> list[bytes]:
@@ -289,15 +289,17 @@ def _decode_one(kind: int, payload: bytes) -> Message:
     return _build(cls, data)
 
 
-_FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
+_FIELD_TYPES: dict[type, dict[str, frozenset[type]]] = {}
 
 
-def _field_types(cls: type[Message]) -> dict[str, tuple[type, ...]]:
-    """Allowed runtime types per field, resolved once per class (type hints are slow)."""
+def _field_types(cls: type[Message]) -> dict[str, frozenset[type]]:
+    """Allowed types per field, resolved once per class (type hints are slow). Exact types:
+    msgpack decodes to exact built-ins, and `type(v) in allowed` keeps a bool out of an int
+    field in one look-up."""
     types_ = _FIELD_TYPES.get(cls)
     if types_ is None:
         hints = typing.get_type_hints(cls)
-        types_ = _FIELD_TYPES[cls] = {f.name: _allowed(hints[f.name])
+        types_ = _FIELD_TYPES[cls] = {f.name: frozenset(_allowed(hints[f.name]))
                                       for f in dataclasses.fields(cls)}
     return types_
 
@@ -306,15 +308,18 @@ def _build(cls: type[Message], data: dict) -> Message:
     allowed = _field_types(cls)
     for name, value in data.items():
         ok = allowed.get(name)
-        if ok is None:
-            unknown = sorted(set(data) - set(allowed))
-            raise ProtocolError(f"{cls.__name__} has no field(s) {unknown}")
-        if not isinstance(value, ok) or (isinstance(value, bool) and bool not in ok):
-            names = " or ".join(t.__name__ for t in ok)
-            raise ProtocolError(
-                f"{cls.__name__}.{name} must be {names}, got {type(value).__name__}"
-            )
+        if ok is None or type(value) not in ok:
+            raise _field_error(cls, data, name, value, ok)
     return cls(**data)
+
+
+def _field_error(cls: type[Message], data: dict, name: str, value: Any,
+                 ok: frozenset[type] | None) -> ProtocolError:
+    if ok is None:
+        unknown = sorted(set(data) - set(_field_types(cls)))
+        return ProtocolError(f"{cls.__name__} has no field(s) {unknown}")
+    names = " or ".join(sorted(t.__name__ for t in ok))
+    return ProtocolError(f"{cls.__name__}.{name} must be {names}, got {type(value).__name__}")
 
 
 def _allowed(tp: Any) -> tuple[type, ...]:

@@ -93,6 +93,7 @@ class Gateway:
         self._main: asyncio.Task | None = None
         self._sockets: list[Any] = []  # closed at shutdown, in this order
         self._flush_scheduled = False
+        self._in_turn = False  # the loop's turn is running: it flushes at its end
         self._open = False  # all sockets are open
 
     # ---- requests, from either frontend
@@ -102,7 +103,8 @@ class Gateway:
         if self.stopping:
             raise GatewayError("the gateway is shutting down; retry on another", code=503)
         prepared = prepare(submit, self.tokenizer, self.vocab_size)
-        if not self.send_to_router.writable():
+        if not self.send_to_router.queued and not self.send_to_router.writable():
+            # (a batch counts once against the queue's limit: one look per batch will do)
             raise GatewayError("the router's queue is full; retry later", code=503)
         rid = os.urandom(16).hex()  # as random as uuid4().hex, a third of its cost
         req = Request(rid, submit.client_tag, sink, submit.stream, len(prepared.token_ids),
@@ -148,7 +150,7 @@ class Gateway:
     def _flush_soon(self) -> None:
         """Make sure a flush follows (the loop's own turn flushes too; HTTP handlers rely on
         this)."""
-        if not self._flush_scheduled and self._loop is not None:
+        if not (self._flush_scheduled or self._in_turn) and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
@@ -216,8 +218,12 @@ class Gateway:
                 self._expire(now)
                 wake = min(next_beat, self.deadlines[0][0]) if self.deadlines else next_beat
                 await waiter.wait(max(0.001, wake - time.monotonic()))
-                self.clients.drain(MAX_DRAIN)
-                self._drain_mesh()
+                self._in_turn = True
+                try:
+                    self.clients.drain(MAX_DRAIN)
+                    self._drain_mesh()
+                finally:
+                    self._in_turn = False
                 self.flush()
         finally:
             waiter.close()

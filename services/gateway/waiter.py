@@ -24,6 +24,7 @@ class SocketWaiter:
         self.socks = socks
         self.fds = [s.getsockopt(zmq.FD) for s in socks]
         self._waiting: asyncio.Future | None = None
+        self.num_idle_wakes = 0  # woken with nothing to read
         for fd in self.fds:
             loop.add_reader(fd, self._wake)
 
@@ -33,17 +34,30 @@ class SocketWaiter:
 
     async def wait(self, timeout_s: float) -> None:
         """Return once a socket has a message waiting, or after `timeout_s`. With something
-        already waiting it still yields to the loop once, so other tasks run between turns."""
-        if any(readable(s) for s in self.socks):
+        already waiting it still yields to the loop once, so other tasks run between turns.
+        A descriptor also fires for socket events other than a message (ZMQ's own commands):
+        such a wake-up goes back to waiting here instead of costing the caller a turn."""
+        if self._any_readable():
             await asyncio.sleep(0)
             return
-        self._waiting = self.loop.create_future()
-        timer = self.loop.call_later(timeout_s, self._wake)
-        try:
-            await self._waiting
-        finally:
-            timer.cancel()
-            self._waiting = None
+        deadline = self.loop.time() + timeout_s
+        while True:
+            self._waiting = self.loop.create_future()
+            timer = self.loop.call_at(deadline, self._wake)
+            try:
+                await self._waiting
+            finally:
+                timer.cancel()
+                self._waiting = None
+            if self._any_readable() or self.loop.time() >= deadline:
+                return
+            self.num_idle_wakes += 1
+
+    def _any_readable(self) -> bool:
+        for sock in self.socks:
+            if readable(sock):
+                return True
+        return False
 
     def close(self) -> None:
         for fd in self.fds:

@@ -61,11 +61,17 @@ class Router:
         self.paths: Counter[str] = Counter()
         self.stopping = False
         self.dead_after_s = max(3.0, 6 * cfg.heartbeat_s)
+        self._live: list[WorkerView] | None = None  # this loop turn's live_workers()
 
     # ---- helpers
     def live_workers(self) -> list[WorkerView]:
-        now = time.monotonic()
-        return [w for w in self.workers.values() if now - w.last_seen < self.dead_after_s]
+        """Workers heard from within `dead_after_s`; computed once per loop turn (and again
+        after a heartbeat), not once per request."""
+        if self._live is None:
+            now = time.monotonic()
+            self._live = [w for w in self.workers.values()
+                          if now - w.last_seen < self.dead_after_s]
+        return self._live
 
     def send_worker(self, name: str, msg: Message) -> None:
         w = self.workers.get(name)
@@ -92,6 +98,7 @@ class Router:
     # ---- messages
     def handle(self, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
+            self._live = None
             view = self.workers.get(msg.worker)
             if view is None or view.beat.pid != msg.pid:
                 log.info("worker %s (%s on %s, pid %d) registered", msg.worker, msg.role,
@@ -201,6 +208,7 @@ class Router:
         next_check = 0.0
         while not self.stopping:
             self.inbox.wait(int(self.cfg.heartbeat_s * 1000))
+            self._live = None
             for msg in self.inbox.drain():
                 self.handle(msg)
             if time.monotonic() >= next_check:

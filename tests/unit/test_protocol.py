@@ -118,3 +118,9 @@ def test_malformed_batches_are_refused_whole(frames, reason):
 def test_decode_takes_exactly_one_message():
     with pytest.raises(ProtocolError, match="expected 2 frames"):
         decode(encode_batch([Abort(rid="a"), Abort(rid="b")]))
+
+
+@pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.__name__)
+def test_a_message_dict_is_exactly_its_fields(cls):
+    """`pack` sends `__dict__` as it is: an extra attribute would go on the wire."""
+    assert list(vars(_example(cls))) == [f.name for f in dataclasses.fields(cls)]
