@@ -12,7 +12,15 @@ from collections import Counter
 
 import zmq
 
-from common.protocol import MAX_BATCH, Message, ProtocolError, batch_frames, decode_batch, pack
+from common.protocol import (
+    MAX_BATCH,
+    MAX_PAYLOAD_BYTES,
+    Message,
+    ProtocolError,
+    batch_frames,
+    decode_batch,
+    pack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +46,33 @@ class Batch:
         self.msgs: list[Message] = []
         self.kinds = bytearray()
         self.payloads: list[bytes] = []
+        self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self.msgs)
 
     def add(self, msg: Message) -> None:
-        self.payloads.append(pack(msg))
+        payload = pack(msg)
+        self.payloads.append(payload)
         self.kinds.append(msg.KIND)
         self.msgs.append(msg)
+        self.nbytes += len(payload)
 
     def frames(self) -> list[tuple[list[bytes], list[Message]]]:
-        """The multipart messages to send (at most MAX_BATCH messages each), with what each
-        carries."""
-        n = len(self.msgs)
-        if n <= MAX_BATCH:
+        """The multipart messages to send (each within MAX_BATCH messages and
+        MAX_PAYLOAD_BYTES), with the messages each carries."""
+        if len(self.msgs) <= MAX_BATCH and self.nbytes <= MAX_PAYLOAD_BYTES:
             return [(batch_frames(self.kinds, self.payloads), self.msgs)]
-        return [(batch_frames(self.kinds[i:i + MAX_BATCH], self.payloads[i:i + MAX_BATCH]),
-                 self.msgs[i:i + MAX_BATCH]) for i in range(0, n, MAX_BATCH)]
+        out, start, nbytes = [], 0, 0
+        for i, payload in enumerate(self.payloads):
+            if i > start and (i - start == MAX_BATCH
+                              or nbytes + len(payload) > MAX_PAYLOAD_BYTES):
+                out.append((batch_frames(self.kinds[start:i], self.payloads[start:i]),
+                            self.msgs[start:i]))
+                start, nbytes = i, 0
+            nbytes += len(payload)
+        out.append((batch_frames(self.kinds[start:], self.payloads[start:]), self.msgs[start:]))
+        return out
 
 
 def recv_nowait(sock: zmq.Socket) -> list[bytes] | None:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import openai
 import pytest
 import zmq
@@ -272,9 +273,9 @@ def test_bad_sampling_is_an_error_naming_it(mesh, client, sampling, param) -> No
 
 def test_malformed_frames_get_errors_and_the_gateway_lives(mesh, client) -> None:
     bad = [
-        ([b"\x02"], "header must be"),
+        ([b"garbage"], "2 frames"),
         ([bytes((PROTOCOL_VERSION, Submit.KIND, Submit.KIND)), b"\x80"],
-         "names 2 message(s) but 1 payload"),
+         "names 2 messages but the body holds 1"),
         ([bytes((PROTOCOL_VERSION + 7, Submit.KIND)), b"\x80"], "version"),
         ([bytes((PROTOCOL_VERSION, 250)), b"\x80"], "kind"),
         ([bytes((PROTOCOL_VERSION, Submit.KIND)), b"\xc1not msgpack"], "msgpack"),
@@ -295,14 +296,15 @@ def test_malformed_frames_get_errors_and_the_gateway_lives(mesh, client) -> None
 
 def test_a_batch_from_a_client_is_served_message_by_message(mesh, client) -> None:
     """A bad message in a batch costs only itself: the others are served, in order."""
-    frames = encode_batch([Submit(prompt="x", client_tag="a", stream=False),
-                           Submit(prompt="?"), Submit(prompt="y", client_tag="c", stream=False)])
-    frames[2] = b"\xc1not msgpack"
-    client.send_multipart(frames)
+    header, _ = encode_batch([Submit()] * 3)
+    body = b"".join([encode(Submit(prompt="x", client_tag="a", stream=False))[1],
+                     msgpack.packb({"stream": "yes"}),
+                     encode(Submit(prompt="y", client_tag="c", stream=False))[1]])
+    client.send_multipart([header, body])
     first, second, third = recv(client), recv(client), recv(client)
     assert isinstance(first, Accepted) and first.client_tag == "a"
     assert isinstance(second, Error) and "message 2 of 3" in second.message
-    assert "not valid msgpack" in second.message
+    assert "Submit.stream must be bool" in second.message
     assert isinstance(third, Accepted) and third.client_tag == "c"
     finals = [recv(client), recv(client)]
     assert all(isinstance(d, TokenDelta) and d.text == REPLY_TEXT for d in finals)

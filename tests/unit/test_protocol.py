@@ -77,37 +77,51 @@ def test_no_pickle_on_the_wire():
     assert b"pickle" not in payload and payload[:1] != b"\x80"  # pickle protocol marker
 
 
-# ---- batches: one multipart message, N + 1 frames
+# ---- batches: [version + N kinds, N msgpack maps back to back]
+def _header(*kinds: int) -> bytes:
+    return bytes((PROTOCOL_VERSION, *kinds))
+
+
 def test_a_batch_round_trips_in_order():
     msgs = [_example(cls) for cls in ALL_MESSAGES]
     frames = encode_batch(msgs)
-    assert len(frames) == len(msgs) + 1
-    assert frames[0] == bytes((PROTOCOL_VERSION, *(m.KIND for m in msgs)))
+    assert len(frames) == 2 and frames[0] == _header(*(m.KIND for m in msgs))
     assert decode_batch(frames) == msgs
     assert decode_batch(encode(msgs[0])) == [msgs[0]]  # one message is a batch of one
+    assert encode_batch(msgs[:1]) == encode(msgs[0])
 
 
 def test_a_bad_message_in_a_batch_costs_only_itself():
-    frames = encode_batch([Submit(prompt="a"), Submit(prompt="b"), Submit(prompt="c")])
-    frames[2] = msgpack.packb({"stream": "yes"})
-    first, bad, last = decode_batch(frames)
+    body = b"".join([msgpack.packb({"prompt": "a"}), msgpack.packb({"stream": "yes"}),
+                     msgpack.packb([1]), msgpack.packb({"prompt": "c"})])
+    first, bad, not_a_map, last = decode_batch([_header(*[Submit.KIND] * 4), body])
     assert first == Submit(prompt="a") and last == Submit(prompt="c")
     assert isinstance(bad, ProtocolError)
-    assert "message 2 of 3" in str(bad) and "Submit.stream must be bool" in str(bad)
+    assert "message 2 of 4" in str(bad) and "Submit.stream must be bool" in str(bad)
+    assert isinstance(not_a_map, ProtocolError) and "must be a map" in str(not_a_map)
+
+
+def test_an_unknown_kind_in_a_batch_costs_only_itself():
+    body = msgpack.packb({"rid": "a"}) + msgpack.packb({"rid": "b"})
+    unknown, ok = decode_batch([_header(250, Abort.KIND), body])
+    assert isinstance(unknown, ProtocolError) and "unknown message kind 250" in str(unknown)
+    assert ok == Abort(rid="b")
 
 
 @pytest.mark.parametrize(
     "frames, reason",
     [
-        ([], "no frames"),
-        ([bytes((PROTOCOL_VERSION,))], "header must be"),
-        ([bytes((PROTOCOL_VERSION, Submit.KIND, Submit.KIND)), msgpack.packb({})],
-         "names 2 message\\(s\\) but 1 payload"),
-        ([bytes((PROTOCOL_VERSION, Submit.KIND)), msgpack.packb({}), msgpack.packb({})],
-         "names 1 message\\(s\\) but 2 payload"),
-        ([bytes((PROTOCOL_VERSION + 1, Submit.KIND, Submit.KIND)), b"", b""], "protocol version"),
-        ([bytes((PROTOCOL_VERSION,)) + bytes([Abort.KIND]) * (MAX_BATCH + 1),
-          *[msgpack.packb({})] * (MAX_BATCH + 1)], "limit is"),
+        ([], "expected 2 frames"),
+        ([_header(Abort.KIND), b"\x80", b"\x80"], "expected 2 frames"),
+        ([bytes((PROTOCOL_VERSION,)), b""], "header must be"),
+        ([_header(Abort.KIND, Abort.KIND), msgpack.packb({})], "names 2 messages but the body"),
+        ([_header(Abort.KIND, Abort.KIND), msgpack.packb({}) * 3], "more than the 2 messages"),
+        ([_header(Abort.KIND, Abort.KIND), msgpack.packb({}) + b"\xc1"], "not valid msgpack"),
+        ([_header(Abort.KIND), msgpack.packb({}) * 2], "not valid msgpack"),
+        ([bytes((PROTOCOL_VERSION + 1, Abort.KIND, Abort.KIND)), b""], "protocol version"),
+        ([_header(*[Abort.KIND] * (MAX_BATCH + 1)), msgpack.packb({}) * (MAX_BATCH + 1)],
+         "limit is"),
+        ([_header(Abort.KIND, Abort.KIND), b"\x00" * (MAX_PAYLOAD_BYTES + 1)], "limit is"),
     ],
 )
 def test_malformed_batches_are_refused_whole(frames, reason):
@@ -116,7 +130,7 @@ def test_malformed_batches_are_refused_whole(frames, reason):
 
 
 def test_decode_takes_exactly_one_message():
-    with pytest.raises(ProtocolError, match="expected 2 frames"):
+    with pytest.raises(ProtocolError, match="expected one message, got a batch of 2"):
         decode(encode_batch([Abort(rid="a"), Abort(rid="b")]))
 
 

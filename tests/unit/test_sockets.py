@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
+import msgpack
 import pytest
 import zmq
 
+from common import sockets
 from common.protocol import (
     MAX_BATCH,
     PROTOCOL_VERSION,
@@ -16,7 +18,7 @@ from common.protocol import (
     decode_batch,
     encode,
 )
-from common.sockets import Inbox, Outbox, Outboxes
+from common.sockets import Batch, Inbox, Outbox, Outboxes
 
 TIMEOUT_MS = 5000
 
@@ -51,7 +53,7 @@ def test_nothing_leaves_before_flush_then_one_batch_per_peer(ctx, tmp_path):
     assert recv_all(a, 5) == [Abort(rid=f"a{i}") for i in range(5)]
     assert raw.poll(TIMEOUT_MS)
     frames = raw.recv_multipart()
-    assert len(frames) == 4 and frames[0] == bytes((PROTOCOL_VERSION, *[AbortRequest.KIND] * 3))
+    assert len(frames) == 2 and frames[0] == bytes((PROTOCOL_VERSION, *[AbortRequest.KIND] * 3))
     assert decode_batch(frames) == [AbortRequest(rid=f"b{i}") for i in range(3)]
     assert out.flush() == []  # nothing queued: nothing sent
     assert not raw.poll(200)
@@ -76,13 +78,25 @@ def test_long_queues_are_cut_into_batches_of_max_batch(ctx, tmp_path):
     raw.close()
 
 
+def test_batches_are_cut_at_the_payload_limit_too(monkeypatch):
+    monkeypatch.setattr(sockets, "MAX_PAYLOAD_BYTES", 100)
+    batch = Batch()
+    msgs = [Abort(rid="x" * 40) for _ in range(5)]  # 47 bytes packed: two fit in 100
+    for m in msgs:
+        batch.add(m)
+    parts = batch.frames()
+    assert [len(carried) for _, carried in parts] == [2, 2, 1]
+    assert all(len(frames[1]) <= 100 for frames, _ in parts)
+    assert [m for frames, _ in parts for m in decode_batch(frames)] == msgs
+
+
 def test_bad_frames_are_dropped_and_the_inbox_goes_on(ctx, tmp_path):
     inbox = Inbox(ctx, f"ipc://{tmp_path}/a")
     push = ctx.socket(zmq.PUSH)
     push.connect(inbox.address)
-    good, bad = encode(Abort(rid="ok")), [bytes((PROTOCOL_VERSION, Abort.KIND)), b"\xc1"]
     push.send_multipart([b"\x02"])  # no batch at all
-    push.send_multipart([bytes((PROTOCOL_VERSION, Abort.KIND, Abort.KIND)), bad[1], good[1]])
+    push.send_multipart([bytes((PROTOCOL_VERSION, Abort.KIND, Abort.KIND)),
+                         msgpack.packb({"rid": 5}) + encode(Abort(rid="ok"))[1]])
     push.send_multipart(encode(Submit(prompt="after")))
     assert recv_all(inbox, 2) == [Abort(rid="ok"), Submit(prompt="after")]
     push.close()
