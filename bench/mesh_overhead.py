@@ -5,6 +5,7 @@ processes, then measures through the native ZMQ API:
 - latency: one request at a time (1 prompt token id, max_tokens 1, non-streaming), submit
   to final reply, p50/p99. With no model compute, all of it is control-plane overhead.
 - throughput: requests/s with `--inflight` requests outstanding, closed loop.
+- for both: CPU time per request of each process (router, worker, gateway, this client).
 Goal (issue 4): p50 <= 1 ms added, >= 5,000 requests/s on a 2-core machine.
 
     python bench/mesh_overhead.py --out bench/results/mesh_overhead.json
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.health import read_status  # noqa: E402
-from common.protocol import Error, Submit, TokenDelta, decode, encode  # noqa: E402
+from common.protocol import Error, Submit, TokenDelta, decode_batch, encode  # noqa: E402
 
 
 def free_port() -> int:
@@ -84,51 +85,89 @@ def submit(sock: zmq.Socket, tag: int) -> None:
                                       sampling={"max_tokens": 1, "temperature": 0.0})))
 
 
-def wait_final(sock: zmq.Socket, timeout_ms: int = 10_000) -> str:
-    """Block until a final reply; returns its client-visible rid."""
+def wait_finals(sock: zmq.Socket, timeout_ms: int = 10_000) -> int:
+    """Block until a batch of replies with at least one final one; how many were final."""
     while True:
         if not sock.poll(timeout_ms):
             raise TimeoutError(f"no reply within {timeout_ms} ms")
-        msg = decode(sock.recv_multipart())
-        if isinstance(msg, Error):
-            raise RuntimeError(f"request failed: {msg.message}")
-        if isinstance(msg, TokenDelta) and msg.finish_reason is not None:
-            return msg.rid
+        num_final = 0
+        for msg in decode_batch(sock.recv_multipart()):
+            if isinstance(msg, (Error, Exception)):
+                raise RuntimeError(f"request failed: {msg}")
+            if isinstance(msg, TokenDelta) and msg.finish_reason is not None:
+                num_final += 1
+        if num_final:
+            return num_final
 
 
-def measure(addr: str, num_latency: int, num_throughput: int, inflight: int) -> dict:
+SERVICES = ("router", "worker", "gateway")  # the order start_mesh starts them in
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU time per request of each service and of this client, over one phase: on a shared
+    machine a steadier figure than wall-clock time, and it says where the time goes."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+
+    def start(self) -> None:
+        self.t0 = [cpu_s(p) for p in self.pids] + [time.process_time()]
+
+    def per_request_us(self, num_requests: int) -> dict[str, float]:
+        t1 = [cpu_s(p) for p in self.pids] + [time.process_time()]
+        us = {name: (b - a) * 1e6 / num_requests
+              for name, a, b in zip((*SERVICES, "client"), self.t0, t1, strict=True)}
+        us["total"] = sum(us.values())
+        return us
+
+
+def measure(addr: str, pids: list[int], num_latency: int, num_throughput: int,
+            inflight: int) -> dict:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr)
+    cpu = CpuMeter(pids)
     for i in range(50):  # warm-up
         submit(sock, i)
-        wait_final(sock)
+        wait_finals(sock)
     lat = []
+    cpu.start()
     for i in range(num_latency):
         t0 = time.perf_counter()
         submit(sock, i)
-        wait_final(sock)
+        wait_finals(sock)
         lat.append((time.perf_counter() - t0) * 1e3)
+    latency_cpu = cpu.per_request_us(num_latency)
     lat.sort()
+    cpu.start()
     t0 = time.perf_counter()
     sent = done = 0
     while sent < min(inflight, num_throughput):
         submit(sock, sent)
         sent += 1
     while done < num_throughput:
-        wait_final(sock)
-        done += 1
-        if sent < num_throughput:
+        num_final = wait_finals(sock)
+        done += num_final
+        for _ in range(min(num_final, num_throughput - sent)):
             submit(sock, sent)
             sent += 1
     secs = time.perf_counter() - t0
+    throughput_cpu = cpu.per_request_us(num_throughput)
     ctx.destroy()
     return {
         "latency_ms": {"p50": statistics.median(lat), "p99": lat[int(0.99 * (len(lat) - 1))],
-                       "mean": statistics.fmean(lat), "n": len(lat)},
+                       "mean": statistics.fmean(lat), "n": len(lat),
+                       "cpu_us_per_request": latency_cpu},
         "throughput": {"requests": num_throughput, "inflight": inflight, "seconds": secs,
-                       "requests_per_s": num_throughput / secs},
+                       "requests_per_s": num_throughput / secs,
+                       "cpu_us_per_request": throughput_cpu},
     }
 
 
@@ -142,7 +181,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nanopd-mesh-") as tmp:
         procs, addr = start_mesh(Path(tmp))
         try:
-            result = measure(addr, args.num_latency, args.num_throughput, args.inflight)
+            result = measure(addr, [p.pid for p in procs], args.num_latency,
+                             args.num_throughput, args.inflight)
         finally:
             stop(procs)
     result.update({

@@ -1,9 +1,12 @@
 """Every message that crosses a socket, defined once, msgpack-encoded, versioned.
 
-Wire format: two frames, `[header, payload]`. The header is two bytes,
-`(PROTOCOL_VERSION, kind)`, so a receiver can route on the kind without decoding the
-payload; the payload is a msgpack map of the message's fields. No pickle anywhere.
-Messages are grouped by the process that receives them.
+Wire format: one ZeroMQ multipart message of two frames, `[header, body]`, carries a
+batch of N >= 1 messages. The header is `PROTOCOL_VERSION` then one kind byte per message,
+so a receiver can route on the kinds without decoding the body; the body is N msgpack maps
+back to back, one per message, of its fields. One message is `[(version, kind), payload]`.
+A sender flushes what it queued for one peer as one batch: two frames however many
+messages (each frame costs a send and a receive call). No pickle anywhere. Messages are
+grouped by the process that receives them.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
-MAX_PAYLOAD_BYTES = 64 * 2**20  # a 64 MiB control message is a bug or an attack
+PROTOCOL_VERSION = 2  # 2: a multipart message is a batch of messages
+MAX_PAYLOAD_BYTES = 64 * 2**20  # a 64 MiB control message (or batch) is a bug or an attack
+MAX_BATCH = 1024  # messages in one batch
 
 
 class ProtocolError(ValueError):
@@ -229,63 +233,128 @@ class Tokens(Message):
 
 
 # ---- encoding
+def pack(msg: Message) -> bytes:
+    """The msgpack map of `msg`. A message's `__dict__` is exactly its fields (no slots, no
+    extra attributes: tests/unit/test_protocol.py checks), so it is packed as it is."""
+    return msgpack.packb(msg.__dict__, use_bin_type=True)
+
+
 def encode(msg: Message) -> list[bytes]:
-    payload = msgpack.packb(
-        {name: getattr(msg, name) for name in _field_types(type(msg))}, use_bin_type=True
-    )
-    return [bytes((PROTOCOL_VERSION, msg.KIND)), payload]
+    return [bytes((PROTOCOL_VERSION, msg.KIND)), pack(msg)]
+
+
+def batch_frames(kinds: bytes | bytearray, payloads: list[bytes]) -> list[bytes]:
+    """The two frames of one batch of packed messages (at most MAX_BATCH of them and
+    MAX_PAYLOAD_BYTES in all)."""
+    return [bytes((PROTOCOL_VERSION,)) + kinds, payloads[0] if len(payloads) == 1
+            else b"".join(payloads)]
+
+
+def encode_batch(msgs: list[Message]) -> list[bytes]:
+    return batch_frames(bytes(m.KIND for m in msgs), [pack(m) for m in msgs])
 
 
 def decode(frames: list[bytes]) -> Message:
-    """The message in `[header, payload]`, or ProtocolError saying what is wrong."""
+    """The one message in `[header, payload]`, or ProtocolError saying what is wrong."""
+    out = decode_batch(frames)
+    if len(out) != 1:
+        raise ProtocolError(f"expected one message, got a batch of {len(out)}")
+    if isinstance(out[0], ProtocolError):
+        raise out[0]
+    return out[0]
+
+
+def decode_batch(frames: list[bytes]) -> list[Message | ProtocolError]:
+    """The messages of one batch, in order. Frames that do not split into the messages the
+    header names raise ProtocolError; a map that is not a valid message is a ProtocolError
+    in its place, so it costs only itself."""
     if len(frames) != 2:
-        raise ProtocolError(f"expected 2 frames (header, payload), got {len(frames)}")
-    header, payload = bytes(frames[0]), frames[1]
-    if len(header) != 2:
-        raise ProtocolError(f"header must be 2 bytes (version, kind), got {len(header)}")
-    version, kind = header
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version}; this build speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(f"expected 2 frames (header, body), got {len(frames)}")
+    header, body = frames
+    if len(header) < 2:
+        raise ProtocolError(f"header must be 1 version byte + 1 kind byte per message, got "
+                            f"{len(header)} byte(s)")
+    if header[0] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header[0]}; this build speaks {PROTOCOL_VERSION}")
+    num_msgs = len(header) - 1
+    if num_msgs > MAX_BATCH:
+        raise ProtocolError(f"a batch of {num_msgs} messages; the limit is {MAX_BATCH}")
+    if len(body) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"payload of {len(body)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+    if num_msgs == 1:
+        try:
+            return [_build(header[1], msgpack.unpackb(body, raw=False, strict_map_key=True))]
+        except ProtocolError as e:
+            return [e]
+        except Exception as e:  # msgpack raises several types
+            raise ProtocolError(f"payload is not valid msgpack: {e}") from e
+    maps = _split(body, num_msgs)
+    out: list[Message | ProtocolError] = []
+    for i in range(num_msgs):
+        try:
+            out.append(_build(header[i + 1], maps[i]))
+        except ProtocolError as e:
+            out.append(ProtocolError(f"message {i + 1} of {num_msgs}: {e}"))
+    return out
+
+
+def _split(body: bytes, num_msgs: int) -> list[Any]:
+    """The `num_msgs` msgpack objects in `body`, or ProtocolError."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True,
+                                max_buffer_size=max(len(body), 1))
+    unpacker.feed(body)
+    out = []
+    try:
+        for _ in range(num_msgs):
+            out.append(unpacker.unpack())
+    except msgpack.OutOfData:
+        raise ProtocolError(f"the header names {num_msgs} messages but the body holds "
+                            f"{len(out)}") from None
+    except Exception as e:
+        raise ProtocolError(f"body is not valid msgpack after {len(out)} message(s): {e}"
+                            ) from e
+    if unpacker.tell() != len(body):
+        raise ProtocolError(f"the body holds more than the {num_msgs} messages the header "
+                            "names")
+    return out
+
+
+def _build(kind: int, data: Any) -> Message:
     cls = _REGISTRY.get(kind)
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind}")
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"payload of {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
-    try:
-        data = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several types
-        raise ProtocolError(f"payload is not valid msgpack: {e}") from e
     if not isinstance(data, dict):
         raise ProtocolError(f"{cls.__name__} payload must be a map, got {type(data).__name__}")
-    return _build(cls, data)
+    allowed = _field_types(cls)
+    for name, value in data.items():
+        ok = allowed.get(name)
+        if ok is None or type(value) not in ok:
+            raise _field_error(cls, data, name, value, ok)
+    return cls(**data)
 
 
-_FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
+_FIELD_TYPES: dict[type, dict[str, frozenset[type]]] = {}
 
 
-def _field_types(cls: type[Message]) -> dict[str, tuple[type, ...]]:
-    """Allowed runtime types per field, resolved once per class (type hints are slow)."""
+def _field_types(cls: type[Message]) -> dict[str, frozenset[type]]:
+    """Allowed types per field, resolved once per class (type hints are slow). Exact types:
+    msgpack decodes to exact built-ins, and `type(v) in allowed` keeps a bool out of an int
+    field in one look-up."""
     types_ = _FIELD_TYPES.get(cls)
     if types_ is None:
         hints = typing.get_type_hints(cls)
-        types_ = _FIELD_TYPES[cls] = {f.name: _allowed(hints[f.name])
+        types_ = _FIELD_TYPES[cls] = {f.name: frozenset(_allowed(hints[f.name]))
                                       for f in dataclasses.fields(cls)}
     return types_
 
 
-def _build(cls: type[Message], data: dict) -> Message:
-    allowed = _field_types(cls)
-    for name, value in data.items():
-        ok = allowed.get(name)
-        if ok is None:
-            unknown = sorted(set(data) - set(allowed))
-            raise ProtocolError(f"{cls.__name__} has no field(s) {unknown}")
-        if not isinstance(value, ok) or (isinstance(value, bool) and bool not in ok):
-            names = " or ".join(t.__name__ for t in ok)
-            raise ProtocolError(
-                f"{cls.__name__}.{name} must be {names}, got {type(value).__name__}"
-            )
-    return cls(**data)
+def _field_error(cls: type[Message], data: dict, name: str, value: Any,
+                 ok: frozenset[type] | None) -> ProtocolError:
+    if ok is None:
+        unknown = sorted(set(data) - set(_field_types(cls)))
+        return ProtocolError(f"{cls.__name__} has no field(s) {unknown}")
+    names = " or ".join(sorted(t.__name__ for t in ok))
+    return ProtocolError(f"{cls.__name__}.{name} must be {names}, got {type(value).__name__}")
 
 
 def _allowed(tp: Any) -> tuple[type, ...]:

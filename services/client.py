@@ -15,6 +15,7 @@ is aborted at the gateway.
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from common.protocol import (
     ProtocolError,
     Submit,
     TokenDelta,
-    decode,
+    decode_batch,
     encode,
 )
 
@@ -74,6 +75,7 @@ class Client:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 200)  # an Abort gets this long to leave on close
         self._sock.connect(address)
+        self._received: deque[Message | ProtocolError] = deque()  # rest of a batch
 
     def stream(self, prompt: str | None = None, *, chat: bool = True,
                messages: list[dict[str, str]] | None = None, route: str = "auto",
@@ -151,6 +153,14 @@ class Client:
                 self._sock.send_multipart(encode(Abort(rid=rid)), flags=zmq.NOBLOCK)
 
     def _recv(self, rid: str) -> Message:
+        if not self._received:
+            self._received.extend(self._recv_batch(rid))
+        msg = self._received.popleft()
+        if isinstance(msg, ProtocolError):
+            raise ClientError(f"bad reply from the gateway at {self.address}: {msg}")
+        return msg
+
+    def _recv_batch(self, rid: str) -> list[Message | ProtocolError]:
         if not self._sock.poll(int(self.timeout_s * 1000)):
             if not rid:
                 raise ClientTimeout(
@@ -163,6 +173,6 @@ class Client:
         if frames and not frames[0]:
             frames = frames[1:]  # an empty delimiter, if the gateway sends one
         try:
-            return decode(frames)
+            return decode_batch(frames)
         except ProtocolError as e:
             raise ClientError(f"bad reply from the gateway at {self.address}: {e}") from e

@@ -2,26 +2,29 @@
 
 One asyncio loop serves both frontends. It waits on two ZMQ sockets at once (the native
 clients' ROUTER and the gateway's inbox, where workers push Tokens and the router pushes
-Error/RequestDone), drains what is there, expires deadlines, refreshes the status file and
-waits again; it never spins. The aiohttp server (services/gateway/http.py) runs its
-handlers as tasks on the same loop and calls `Gateway.submit` / `Gateway.cancel` directly.
+Error/RequestDone), drains what is there, expires deadlines, refreshes the status file,
+flushes (one batch to the router, one per native client) and waits again; it never spins.
+The wait is on the sockets' ZMQ_FD descriptors with the loop's own `add_reader` (see
+`SocketWaiter`). The aiohttp server (services/gateway/http.py) runs its handlers as tasks
+on the same loop and calls `Gateway.submit` / `Gateway.cancel` directly; what they queue
+is flushed by a callback scheduled on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import json
 import logging
+import os
 import signal
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from common.config import MeshConfig
 from common.health import clear_status, write_status
@@ -29,21 +32,20 @@ from common.protocol import (
     AbortRequest,
     Accepted,
     Error,
-    ProtocolError,
     RequestDone,
     RouteRequest,
     Submit,
     Tokens,
-    decode,
 )
 from common.sockets import Inbox, Outbox
 from services.gateway.intake import GatewayError, prepare
 from services.gateway.requests import Request, Sink
-from services.gateway.zmq_frontend import ZmqFrontend, recv_nowait, sync_shadow
+from services.gateway.waiter import SocketWaiter
+from services.gateway.zmq_frontend import ZmqFrontend
 
 log = logging.getLogger(__name__)
 
-MAX_DRAIN = 1000  # messages per socket per wake, so HTTP handlers are never starved
+MAX_DRAIN = 100  # batches per socket per wake, so HTTP handlers are never starved
 
 
 def model_dir_of(cfg: MeshConfig) -> Path:
@@ -90,6 +92,9 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task | None = None
         self._sockets: list[Any] = []  # closed at shutdown, in this order
+        self._flush_scheduled = False
+        self._in_turn = False  # the loop's turn is running: it flushes at its end
+        self._open = False  # all sockets are open
 
     # ---- requests, from either frontend
     def submit(self, submit: Submit, sink: Sink, client: bytes = b"") -> Request:
@@ -98,14 +103,17 @@ class Gateway:
         if self.stopping:
             raise GatewayError("the gateway is shutting down; retry on another", code=503)
         prepared = prepare(submit, self.tokenizer, self.vocab_size)
-        rid = uuid.uuid4().hex
+        if not self.send_to_router.queued and not self.send_to_router.writable():
+            # (a batch counts once against the queue's limit: one look per batch will do)
+            raise GatewayError("the router's queue is full; retry later", code=503)
+        rid = os.urandom(16).hex()  # as random as uuid4().hex, a third of its cost
         req = Request(rid, submit.client_tag, sink, submit.stream, len(prepared.token_ids),
                       prepared.params, self.tokenizer,
                       time.monotonic() + self.cfg.request_timeout_s, client)
         route = RouteRequest(rid=rid, token_ids=prepared.token_ids,
                              sampling=prepared.params.to_dict(), route=submit.route)
-        if not self.send_to_router.send(route):
-            raise GatewayError("the router's queue is full; retry later", code=503)
+        self.send_to_router.send(route)
+        self._flush_soon()
         self.requests[rid] = req
         heapq.heappush(self.deadlines, (req.deadline, rid))
         sink(Accepted(rid=rid, client_tag=submit.client_tag,
@@ -116,6 +124,7 @@ class Gateway:
         """Forget `rid` and tell the router to stop it (its client is gone or gave up)."""
         if self.requests.pop(rid, None) is not None:
             self.send_to_router.send(AbortRequest(rid=rid))
+            self._flush_soon()
 
     def fail(self, rid: str, message: str, code: int, tell_router: bool = True) -> None:
         """End `rid` with an Error to its client; `tell_router`: also abort it there."""
@@ -124,7 +133,26 @@ class Gateway:
             return
         if tell_router:
             self.send_to_router.send(AbortRequest(rid=rid))
+            self._flush_soon()
         req.sink(Error(rid=rid, message=message, code=code))
+
+    def flush(self) -> None:
+        """Send what was queued: to the router first, then every native client's batch."""
+        self._flush_scheduled = False
+        if not self._open:
+            return
+        for msg in self.send_to_router.flush():
+            if isinstance(msg, RouteRequest):
+                self.fail(msg.rid, "the router's queue is full; retry later", code=503,
+                          tell_router=False)
+        self.clients.flush()
+
+    def _flush_soon(self) -> None:
+        """Make sure a flush follows (the loop's own turn flushes too; HTTP handlers rely on
+        this)."""
+        if not (self._flush_scheduled or self._in_turn) and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
 
     # ---- the loop
     async def serve(self) -> None:
@@ -153,18 +181,17 @@ class Gateway:
             await self._shutdown(runner)
 
     def _open_sockets(self) -> None:
-        actx = zmq.asyncio.Context.shadow(self._ctx.underlying)
         self.cfg.run_path.mkdir(parents=True, exist_ok=True)
-        router = actx.socket(zmq.ROUTER)
+        router = self._ctx.socket(zmq.ROUTER)
         self._sockets.append(router)
         router.setsockopt(zmq.LINGER, 0)
         router.bind(self.cfg.gateway_zmq)
         self.clients = ZmqFrontend(self, router)  # native clients: Submit/Abort in, replies out
-        self.send_to_router = Outbox(self._ctx, self.cfg.router_inbox)  # never blocks: plain zmq
+        self.send_to_router = Outbox(self._ctx, self.cfg.router_inbox)
         self._sockets.append(self.send_to_router)
-        self.recv_from_mesh = Inbox(actx, self.cfg.gateway_inbox)  # Tokens, Error, RequestDone
+        self.recv_from_mesh = Inbox(self._ctx, self.cfg.gateway_inbox)  # Tokens, Error, Done
         self._sockets.append(self.recv_from_mesh)
-        self._mesh_sync = sync_shadow(self.recv_from_mesh.sock)
+        self._open = True
 
     def request_stop(self) -> None:
         """Stop accepting, abort what is in flight, exit; safe from any thread."""
@@ -180,22 +207,26 @@ class Gateway:
                 self._main.cancel()
 
     async def _run(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self.clients.sock, zmq.POLLIN)
-        poller.register(self.recv_from_mesh.sock, zmq.POLLIN)
+        waiter = SocketWaiter(self._loop, [self.clients.sock, self.recv_from_mesh.sock])
         next_beat = 0.0
-        while not self.stopping:
-            now = time.monotonic()
-            if now >= next_beat:
-                self._write_status()
-                next_beat = now + self.cfg.heartbeat_s
-            self._expire(now)
-            wake = min(next_beat, self.deadlines[0][0]) if self.deadlines else next_beat
-            ready = dict(await poller.poll(max(1, int((wake - time.monotonic()) * 1000))))
-            if self.clients.sock in ready:
-                self.clients.drain(MAX_DRAIN)
-            if self.recv_from_mesh.sock in ready:
-                self._drain_mesh()
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._write_status()
+                    next_beat = now + self.cfg.heartbeat_s
+                self._expire(now)
+                wake = min(next_beat, self.deadlines[0][0]) if self.deadlines else next_beat
+                await waiter.wait(max(0.001, wake - time.monotonic()))
+                self._in_turn = True
+                try:
+                    self.clients.drain(MAX_DRAIN)
+                    self._drain_mesh()
+                finally:
+                    self._in_turn = False
+                self.flush()
+        finally:
+            waiter.close()
 
     def _write_status(self) -> None:
         write_status(self.cfg.run_path, "gateway", role="gateway", zmq=self.cfg.gateway_zmq,
@@ -214,15 +245,7 @@ class Gateway:
 
     # ---- workers and the router
     def _drain_mesh(self) -> None:
-        for _ in range(MAX_DRAIN):
-            frames = recv_nowait(self._mesh_sync)
-            if frames is None:
-                return
-            try:
-                msg = decode(frames)
-            except ProtocolError as e:
-                log.warning("dropped a bad frame on %s: %s", self.cfg.gateway_inbox, e)
-                continue
+        for msg in self.recv_from_mesh.drain(MAX_DRAIN):
             if isinstance(msg, Tokens):
                 self._on_tokens(msg)
             elif isinstance(msg, Error):
@@ -261,9 +284,12 @@ class Gateway:
         self.stopping = True
         for rid in list(self.requests):
             self.fail(rid, "the gateway is shutting down", code=503)
+        self.flush()
         if runner is not None:
             await asyncio.sleep(0.05)  # let HTTP handlers write the errors they just got
             await runner.cleanup()  # bounded by the runner's shutdown_timeout
+        self.flush()  # what the handlers queued meanwhile
+        self._open = False
         for sock in self._sockets:
             sock.close()  # the outbox lingers to deliver the AbortRequests
         self._ctx.term()
@@ -273,4 +299,6 @@ class Gateway:
 
 def run_gateway(cfg: MeshConfig) -> None:
     """Serve until SIGTERM/SIGINT; blocking."""
-    asyncio.run(Gateway(cfg).serve())
+    gateway = Gateway(cfg)
+    gc.freeze()  # the tokenizer and the imports are long-lived: keep them out of every gc pass
+    asyncio.run(gateway.serve())

@@ -1,8 +1,9 @@
 """The native client API: Submit/Abort frames on a ROUTER socket, replies to the sender.
 
-A client (DEALER or REQ-less ROUTER peer) sends `[header, payload]`; the ROUTER prepends its
-identity. Replies (Accepted, TokenDelta, Error) go back to that identity. A bad frame costs
-its sender one Error; the gateway goes on.
+A client (DEALER or REQ-less ROUTER peer) sends a batch of one or more `[header, payload]`
+pairs; the ROUTER prepends its identity. Replies (Accepted, TokenDelta, Error) are queued per
+identity and leave as one batch per client at the gateway's `flush`. A bad frame costs its
+sender one Error; the gateway goes on.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import logging
 from typing import TYPE_CHECKING
 
 import zmq
-import zmq.asyncio
 
-from common.protocol import Abort, Error, Message, ProtocolError, Submit, decode, encode
-from common.sockets import send_frames
+from common.protocol import Abort, Error, Message, ProtocolError, Submit, decode_batch
+from common.sockets import Batch, recv_nowait, send_frames
 from services.gateway.intake import GatewayError
 
 if TYPE_CHECKING:
@@ -23,52 +23,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-_NOBLOCK = int(zmq.NOBLOCK)
-
-
-def recv_nowait(sock: zmq.Socket) -> list[bytes] | None:
-    """The next multipart message if one is waiting, else None; never waits.
-
-    Pass a plain (synchronous) socket: the asyncio wrapper's futures cost more than the
-    receive itself on this hot path.
-    """
-    try:
-        return sock.recv_multipart(_NOBLOCK)
-    except zmq.Again:
-        return None
-
-
-def sync_shadow(sock: zmq.Socket) -> zmq.Socket:
-    """A plain socket over the same underlying ZMQ socket (for non-blocking calls)."""
-    return zmq.Socket.shadow(sock.underlying)
-
-
 class ZmqFrontend:
-    def __init__(self, gateway: Gateway, sock: zmq.asyncio.Socket):
+    def __init__(self, gateway: Gateway, sock: zmq.Socket):
         self.gateway = gateway
-        self.sock = sock  # a bound ROUTER (asyncio: the loop polls it)
-        self.sync = sync_shadow(sock)  # the same socket, for non-blocking recv/send
+        self.sock = sock  # a bound ROUTER
+        self.pending: dict[bytes, Batch] = {}  # identity -> queued replies
 
     def drain(self, limit: int) -> None:
-        """Handle up to `limit` waiting client messages."""
+        """Handle the client messages waiting now (up to `limit` batches)."""
         for _ in range(limit):
-            frames = recv_nowait(self.sync)
+            frames = recv_nowait(self.sock)
             if frames is None:
                 return
-            identity, body = frames[0], frames[1:]
+            identity = frames[0]
             try:
-                msg = decode(body)
+                decoded = decode_batch(frames[1:])
             except ProtocolError as e:
                 self.send(identity, Error(message=f"bad frame: {e}", code=400))
                 continue
-            if isinstance(msg, Submit):
-                self._on_submit(identity, msg)
-            elif isinstance(msg, Abort):
-                self._on_abort(identity, msg)
-            else:
-                self.send(identity, Error(code=400, message=(
-                    f"the gateway's client socket takes Submit and Abort, "
-                    f"not {type(msg).__name__}")))
+            for msg in decoded:
+                if isinstance(msg, Submit):
+                    self._on_submit(identity, msg)
+                elif isinstance(msg, Abort):
+                    self._on_abort(identity, msg)
+                elif isinstance(msg, ProtocolError):
+                    self.send(identity, Error(message=f"bad frame: {msg}", code=400))
+                else:
+                    self.send(identity, Error(code=400, message=(
+                        f"the gateway's client socket takes Submit and Abort, "
+                        f"not {type(msg).__name__}")))
 
     def _on_submit(self, identity: bytes, msg: Submit) -> None:
         def sink(reply: Message) -> None:
@@ -90,8 +73,18 @@ class ZmqFrontend:
             req.sink(delta)
 
     def send(self, identity: bytes, msg: Message) -> None:
-        # A ROUTER never blocks: at the high-water mark, or for a gone client, it drops.
-        try:
-            send_frames(self.sync, [identity, *encode(msg)])
-        except zmq.ZMQError as e:
-            log.warning("a reply to a client was dropped: %s", e)
+        """Queue `msg` for the client `identity`; it leaves at the next `flush`."""
+        batch = self.pending.get(identity)
+        if batch is None:
+            batch = self.pending[identity] = Batch()
+        batch.add(msg)
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for identity, batch in pending.items():
+            # A ROUTER never blocks: at the high-water mark, or for a gone client, it drops.
+            try:
+                for frames, _ in batch.frames():
+                    send_frames(self.sock, [identity, *frames])
+            except zmq.ZMQError as e:
+                log.warning("replies to a client were dropped: %s", e)

@@ -1,11 +1,13 @@
 """The router service: owns the decision and tracks every request to its end.
 
 Loop: drain the inbox (gateway requests, worker heartbeats and replies) -> check timeouts
--> refresh status. It blocks on the inbox; timeouts are checked at least every heartbeat.
+-> refresh status -> flush (one batch per peer). It blocks on the inbox; timeouts are
+checked at least every heartbeat.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import time
@@ -59,11 +61,17 @@ class Router:
         self.paths: Counter[str] = Counter()
         self.stopping = False
         self.dead_after_s = max(3.0, 6 * cfg.heartbeat_s)
+        self._live: list[WorkerView] | None = None  # this loop turn's live_workers()
 
     # ---- helpers
     def live_workers(self) -> list[WorkerView]:
-        now = time.monotonic()
-        return [w for w in self.workers.values() if now - w.last_seen < self.dead_after_s]
+        """Workers heard from within `dead_after_s`; computed once per loop turn (and again
+        after a heartbeat), not once per request."""
+        if self._live is None:
+            now = time.monotonic()
+            self._live = [w for w in self.workers.values()
+                          if now - w.last_seen < self.dead_after_s]
+        return self._live
 
     def send_worker(self, name: str, msg: Message) -> None:
         w = self.workers.get(name)
@@ -90,6 +98,7 @@ class Router:
     # ---- messages
     def handle(self, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
+            self._live = None
             view = self.workers.get(msg.worker)
             if view is None or view.beat.pid != msg.pid:
                 log.info("worker %s (%s on %s, pid %d) registered", msg.worker, msg.role,
@@ -198,13 +207,15 @@ class Router:
         log.info("router (%s) ready at %s", self.cfg.strategy, self.cfg.router_inbox)
         next_check = 0.0
         while not self.stopping:
-            first = self.inbox.recv(int(self.cfg.heartbeat_s * 1000))
-            for msg in ([first] if first else []) + self.inbox.drain():
+            self.inbox.wait(int(self.cfg.heartbeat_s * 1000))
+            self._live = None
+            for msg in self.inbox.drain():
                 self.handle(msg)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.cfg.heartbeat_s
                 self.check_timeouts()
                 self.write_status()
+            self.out.flush()
         clear_status(self.cfg.run_path, "router")
         self.out.close()
         self.inbox.close()
@@ -213,6 +224,7 @@ class Router:
 
 def run_router(cfg: MeshConfig) -> None:
     router = Router(cfg)
+    gc.freeze()  # what startup made lives on: keep it out of every gc pass
 
     def stop(signum: int, frame: object) -> None:
         router.stopping = True

@@ -1,11 +1,13 @@
 """The worker service: one engine on one device; its role is configuration, not code.
 
-Loop: drain the inbox -> one engine step if there is work -> push tokens / ship KV ->
-expire leases -> heartbeat. It blocks on the inbox only when nothing is runnable.
+Loop: drain the inbox -> one engine step if there is work -> queue tokens / ship KV ->
+expire leases -> heartbeat -> flush (one batch per peer). It blocks on the inbox only when
+nothing is runnable.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -155,19 +157,21 @@ class Worker:
 
     def run(self) -> None:
         self.heartbeat()
+        self.out.flush()
         log.info("worker %s (%s on %s) ready at %s", self.name, self.wcfg.role,
                  self.wcfg.device, self.address)
         while not self.stopping:
             busy = self.engine.has_unfinished() or self.handoff.busy
             timeout_ms = 0 if busy else int(self.cfg.heartbeat_s * 1000)
-            first = self.inbox.recv(timeout_ms)
-            for msg in ([first] if first else []) + self.inbox.drain():
+            self.inbox.wait(timeout_ms)
+            for msg in self.inbox.drain():
                 self.handle(msg)
             if self.engine.has_unfinished():
                 self.emit(self.engine.step())
             self.handoff.ship(self.engine.take_prefilled())
             self.handoff.expire()
             self.heartbeat()
+            self.out.flush()
         self.close()
 
     def close(self) -> None:
@@ -180,6 +184,7 @@ class Worker:
 
 def run_worker(cfg: MeshConfig, name: str) -> None:
     worker = Worker(cfg, name)
+    gc.freeze()  # the model and the imports live on: keep them out of every gc pass
 
     def stop(signum: int, frame: object) -> None:
         worker.stopping = True

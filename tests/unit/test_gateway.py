@@ -9,6 +9,7 @@ HOLD_SEED (then it only records it, for abort and deadline tests).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import queue
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import openai
 import pytest
 import zmq
@@ -33,13 +35,15 @@ from common.protocol import (
     Accepted,
     Error,
     Message,
+    ProtocolError,
     RequestDone,
     RouteRequest,
     Submit,
     TokenDelta,
     Tokens,
-    decode,
+    decode_batch,
     encode,
+    encode_batch,
 )
 from services.gateway.main import Gateway
 
@@ -74,10 +78,11 @@ class FakeRouter:
         while not self.stopping:
             if not self.pull.poll(50):
                 continue
-            msg = decode(self.pull.recv_multipart())
-            self.received.put(msg)
-            if isinstance(msg, RouteRequest) and msg.sampling.get("seed") != HOLD_SEED:
-                self._answer(msg)
+            for msg in decode_batch(self.pull.recv_multipart()):
+                assert not isinstance(msg, ProtocolError), msg
+                self.received.put(msg)
+                if isinstance(msg, RouteRequest) and msg.sampling.get("seed") != HOLD_SEED:
+                    self._answer(msg)
         self.pull.close(0)
         self.push.close(0)
 
@@ -175,9 +180,17 @@ def client(mesh: tuple[Gateway, FakeRouter]) -> Iterator[zmq.Socket]:
     sock.close()
 
 
+_unread: dict[zmq.Socket, collections.deque] = {}  # per client: the rest of a batch
+
+
 def recv(sock: zmq.Socket) -> Message:
-    assert sock.poll(int(TIMEOUT_S * 1000)), "no reply from the gateway"
-    return decode(sock.recv_multipart())
+    unread = _unread.setdefault(sock, collections.deque())
+    if not unread:
+        assert sock.poll(int(TIMEOUT_S * 1000)), "no reply from the gateway"
+        unread.extend(decode_batch(sock.recv_multipart()))
+    msg = unread.popleft()
+    assert not isinstance(msg, ProtocolError), msg
+    return msg
 
 
 def collect(sock: zmq.Socket, n: int = 1) -> dict[int, list[TokenDelta]]:
@@ -261,6 +274,8 @@ def test_bad_sampling_is_an_error_naming_it(mesh, client, sampling, param) -> No
 def test_malformed_frames_get_errors_and_the_gateway_lives(mesh, client) -> None:
     bad = [
         ([b"garbage"], "2 frames"),
+        ([bytes((PROTOCOL_VERSION, Submit.KIND, Submit.KIND)), b"\x80"],
+         "names 2 messages but the body holds 1"),
         ([bytes((PROTOCOL_VERSION + 7, Submit.KIND)), b"\x80"], "version"),
         ([bytes((PROTOCOL_VERSION, 250)), b"\x80"], "kind"),
         ([bytes((PROTOCOL_VERSION, Submit.KIND)), b"\xc1not msgpack"], "msgpack"),
@@ -277,6 +292,23 @@ def test_malformed_frames_get_errors_and_the_gateway_lives(mesh, client) -> None
         assert isinstance(err, Error) and err.code == 400 and what in err.message, err
     submit(client, prompt="still serving")
     collect(client)
+
+
+def test_a_batch_from_a_client_is_served_message_by_message(mesh, client) -> None:
+    """A bad message in a batch costs only itself: the others are served, in order."""
+    header, _ = encode_batch([Submit()] * 3)
+    body = b"".join([encode(Submit(prompt="x", client_tag="a", stream=False))[1],
+                     msgpack.packb({"stream": "yes"}),
+                     encode(Submit(prompt="y", client_tag="c", stream=False))[1]])
+    client.send_multipart([header, body])
+    first, second, third = recv(client), recv(client), recv(client)
+    assert isinstance(first, Accepted) and first.client_tag == "a"
+    assert isinstance(second, Error) and "message 2 of 3" in second.message
+    assert "Submit.stream must be bool" in second.message
+    assert isinstance(third, Accepted) and third.client_tag == "c"
+    finals = [recv(client), recv(client)]
+    assert all(isinstance(d, TokenDelta) and d.text == REPLY_TEXT for d in finals)
+    assert {d.rid for d in finals} == {first.rid, third.rid}
 
 
 def test_abort_tells_the_router_and_late_tokens_are_dropped(mesh, client) -> None:

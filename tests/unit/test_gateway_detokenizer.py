@@ -124,3 +124,27 @@ def test_invalid_bytes_are_held_only_until_a_valid_character(tokenizer) -> None:
     pieces = run(tokenizer, [[t] for t in ids])
     assert pieces[:5] == [""] * 5 and pieces[5] != ""
     assert "".join(pieces) == full_decode(tokenizer, ids)
+
+
+def test_the_rust_backend_decodes_as_the_tokenizer_does(tokenizer) -> None:
+    """The detokenizer skips transformers' wrapper where it adds nothing: same text, on
+    random ids (special tokens among them)."""
+    detok = IncrementalDetokenizer(tokenizer)
+    assert detok.backend is not None  # the test tokenizer is a fast one
+    rng = random.Random(7)
+    specials = list(tokenizer.all_special_ids)
+    for _ in range(200):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 12))]
+        ids.insert(rng.randrange(len(ids) + 1), rng.choice(specials))
+        assert detok.decode(ids) == full_decode(tokenizer, ids)
+    assert detok.decode([]) == ""
+
+
+def test_a_tokenizer_without_a_backend_is_used_as_it_is() -> None:
+    class Plain:
+        def decode(self, ids, skip_special_tokens, clean_up_tokenization_spaces):
+            return "".join(chr(97 + i) for i in ids)
+
+    detok = IncrementalDetokenizer(Plain())
+    assert detok.backend is None
+    assert detok.add([0, 1]) == "ab" and detok.add([2]) == "c"

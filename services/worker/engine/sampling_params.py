@@ -29,37 +29,26 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(
-            _is_num(self.temperature) and self.temperature >= 0,
-            "temperature", self.temperature, "a number >= 0 (0 means greedy)",
-        )
-        _check(
-            _is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]"
-        )
-        _check(
-            _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
-            "top_k", self.top_k, "-1 (disabled) or an integer >= 1",
-        )
-        _check(
-            _is_int(self.max_tokens) and self.max_tokens >= 1,
-            "max_tokens", self.max_tokens, "an integer >= 1",
-        )
-        _check(
-            _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
-            "min_tokens", self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]",
-        )
-        _check(
-            self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None"
-        )
-        _check(
-            all(isinstance(s, str) and s for s in self.stop),
-            "stop", self.stop, "a list of non-empty strings",
-        )
-        _check(
-            all(t >= 0 for t in self.stop_token_ids),
-            "stop_token_ids", self.stop_token_ids, "a list of token ids >= 0",
-        )
+        # each check builds its message only when it fails: this runs once per request
+        # in the gateway and again in the worker
+        if not (_is_int(self.n) and self.n >= 1):
+            _fail("n", self.n, "an integer >= 1")
+        if not (_is_num(self.temperature) and self.temperature >= 0):
+            _fail("temperature", self.temperature, "a number >= 0 (0 means greedy)")
+        if not (_is_num(self.top_p) and 0 < self.top_p <= 1):
+            _fail("top_p", self.top_p, "a number in (0, 1]")
+        if not (_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1)):
+            _fail("top_k", self.top_k, "-1 (disabled) or an integer >= 1")
+        if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
+            _fail("max_tokens", self.max_tokens, "an integer >= 1")
+        if not (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens):
+            _fail("min_tokens", self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")
+        if not (self.seed is None or _is_int(self.seed)):
+            _fail("seed", self.seed, "an integer or None")
+        if self.stop and not all(isinstance(s, str) and s for s in self.stop):
+            _fail("stop", self.stop, "a list of non-empty strings")
+        if self.stop_token_ids and min(self.stop_token_ids) < 0:
+            _fail("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -67,12 +56,13 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields (lists copied), for a msgpack message; asdict's deep copy is slow."""
-        return {name: (list(v) if isinstance(v := getattr(self, name), list) else v)
-                for name in self.__dataclass_fields__}
+        d = {name: getattr(self, name) for name in _FIELD_NAMES}
+        d["stop"], d["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
-        unknown = set(data) - set(cls.__dataclass_fields__)
+        unknown = data.keys() - cls.__dataclass_fields__.keys()
         if unknown:
             allowed = ", ".join(sorted(cls.__dataclass_fields__))
             raise SamplingParamsError(
@@ -89,6 +79,8 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise SamplingParamsError(f"invalid {name}={value!r}; {name} must be {allowed}")
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise SamplingParamsError(f"invalid {name}={value!r}; {name} must be {allowed}")
+
+
+_FIELD_NAMES = tuple(SamplingParams.__dataclass_fields__)
