@@ -176,15 +176,21 @@ def main() -> None:
     ap.add_argument("--num-latency", type=int, default=2000)
     ap.add_argument("--num-throughput", type=int, default=20000)
     ap.add_argument("--inflight", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs, each on a freshly started mesh; the JSON has every run and "
+                         "the median, min and max of each figure")
     ap.add_argument("--out", help="write the JSON result here")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="nanopd-mesh-") as tmp:
-        procs, addr = start_mesh(Path(tmp))
-        try:
-            result = measure(addr, [p.pid for p in procs], args.num_latency,
-                             args.num_throughput, args.inflight)
-        finally:
-            stop(procs)
+    runs = []
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="nanopd-mesh-") as tmp:
+            procs, addr = start_mesh(Path(tmp))
+            try:
+                runs.append(measure(addr, [p.pid for p in procs], args.num_latency,
+                                    args.num_throughput, args.inflight))
+            finally:
+                stop(procs)
+    result = runs[0] if len(runs) == 1 else {"runs": runs, "summary": summarize(runs)}
     result.update({
         "bench": "mesh_overhead", "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -194,6 +200,21 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median, min and max over runs of the headline figures."""
+    figures = {
+        "latency_p50_ms": [r["latency_ms"]["p50"] for r in runs],
+        "latency_p99_ms": [r["latency_ms"]["p99"] for r in runs],
+        "requests_per_s": [r["throughput"]["requests_per_s"] for r in runs],
+        "latency_cpu_us_per_request": [r["latency_ms"]["cpu_us_per_request"]["total"]
+                                       for r in runs],
+        "throughput_cpu_us_per_request": [r["throughput"]["cpu_us_per_request"]["total"]
+                                          for r in runs],
+    }
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+            for name, v in figures.items()}
 
 
 if __name__ == "__main__":
