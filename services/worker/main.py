@@ -36,6 +36,7 @@ from services.worker.engine.config import EngineConfig
 from services.worker.engine.engine import LLMEngine, RequestError, TokenEvent
 from services.worker.engine.sampling_params import SamplingParams, SamplingParamsError
 from services.worker.handoff import Handoff, Leg
+from services.worker.keepalive import KeepAlive
 from services.worker.null_engine import NullEngine
 
 log = logging.getLogger("nanopd.worker")
@@ -63,6 +64,8 @@ class Worker:
         self.legs: dict[str, Leg] = {}
         self.stopping = False
         self.next_heartbeat = 0.0
+        self.keepalive = KeepAlive(self.ctx, self.router_address, cfg.heartbeat_s,
+                                   stale_after_s=max(60.0, 20 * cfg.heartbeat_s))
 
     # ---- outgoing
     def to_router(self, msg: Message) -> None:
@@ -143,13 +146,15 @@ class Worker:
             return
         self.next_heartbeat = now + self.cfg.heartbeat_s
         st = self.engine.stats()
-        self.to_router(Heartbeat(
+        beat = Heartbeat(
             worker=self.name, role=self.wcfg.role, device=self.wcfg.device,
             address=self.address, pid=os.getpid(), num_running=st["num_running"],
             num_waiting=st["num_waiting"], num_free_blocks=st["num_free_blocks"],
             num_blocks=st["num_blocks"], block_size=self.engine.config.block_size,
             transports=self.handoff.transport_names(),
-        ))
+        )
+        self.to_router(beat)
+        self.keepalive.note(beat)  # re-sent by its thread while a long step runs
         write_status(self.cfg.run_path, self.name, role=self.wcfg.role,
                      device=self.wcfg.device, **{k: st[k] for k in (
                          "num_running", "num_waiting", "num_free_blocks", "num_blocks",
@@ -158,6 +163,7 @@ class Worker:
     def run(self) -> None:
         self.heartbeat()
         self.out.flush()
+        self.keepalive.start()
         log.info("worker %s (%s on %s) ready at %s", self.name, self.wcfg.role,
                  self.wcfg.device, self.address)
         while not self.stopping:
@@ -175,6 +181,7 @@ class Worker:
         self.close()
 
     def close(self) -> None:
+        self.keepalive.stop()
         clear_status(self.cfg.run_path, self.name)
         self.handoff.close()
         self.out.close()
