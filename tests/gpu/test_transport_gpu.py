@@ -87,6 +87,19 @@ def _decode_main(name: str, device: str, kw: dict, from_prefill: mp.Queue,
         results.put(repr(e))
 
 
+def run_to_result(procs: list, results) -> object:
+    """Start the processes, take the decode side's result, then join (kill the stragglers)."""
+    for p in procs:
+        p.start()
+    try:
+        return results.get(timeout=3 * TIMEOUT_S)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
 def run_pair(name: str, decode_device: str, kw: dict | None = None) -> None:
     """Prefill on cuda:0 and decode on `decode_device`, each in a process of its own."""
     ctx = mp.get_context("spawn")
@@ -97,15 +110,7 @@ def run_pair(name: str, decode_device: str, kw: dict | None = None) -> None:
         ctx.Process(target=_decode_main,
                     args=(name, decode_device, kw or {}, to_decode, to_prefill, results, cases)),
     ]
-    for p in procs:
-        p.start()
-    try:
-        res = results.get(timeout=3 * TIMEOUT_S)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    res = run_to_result(procs, results)
     assert res == [True] * len(cases), res
     assert [p.exitcode for p in procs] == [0, 0]
 
@@ -200,15 +205,7 @@ def test_kv_shipped_in_chunks_behind_queued_compute_arrives_bitwise(name, kw, ea
         ctx.Process(target=_chunked_decode_main,
                     args=(name, OTHER_GPU, kw, to_decode, to_prefill, results)),
     ]
-    for p in procs:
-        p.start()
-    try:
-        res = results.get(timeout=3 * TIMEOUT_S)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    res = run_to_result(procs, results)
     assert isinstance(res, tuple), res
     ok, _ = res  # (whether poll said ready at once depends on timing: not asserted)
     assert ok  # the copies were ordered after the queued compute that wrote the KV
