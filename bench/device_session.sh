@@ -3,12 +3,13 @@
 #   bash bench/device_session.sh PHASE...      (on the GPU machine, from the repo root)
 # Phases (run in the order given):
 #   build      make kernels (+ the tuning variants of VARIANTS, built in the background)
-#   tests      the GPU test suite
+#   tests      the GPU test suite (TESTS: only these files or node ids)
 #   sanitize   compute-sanitizer memcheck and racecheck over every kernel (a small case)
 #   checks     tests and sanitize at the same time (neither is timed)
 #   profile    ncu on paged_decode, batch 64 at 8k context (PROFILE_CONTEXTS)
 #   kernels    bench/kernels.py (with a chunk-count sweep), then each built variant
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
+#   stepprof   bench/decode_profile.py: one decode step's kernels by name and kind, GEMVs alone
 #   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
 #   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi)
 #   kv         bench/kv_transfer.py (two GPUs: cuda:0 -> cuda:1; one: both processes on cuda:0)
@@ -53,7 +54,7 @@ for phase in "$@"; do
           > "$WORK/build_$name.log" 2>&1) &
       done ;;
     tests)
-      step gpu_tests 330 python3 -m pytest -q -rs tests/gpu ;;
+      step gpu_tests 330 python3 -m pytest -q -rs ${TESTS:-tests/gpu} ;;
     checks)
       step gpu_tests 330 python3 -m pytest -q -rs tests/gpu &
       step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
@@ -88,6 +89,8 @@ for phase in "$@"; do
       done ;;
     decode)
       step decode_step 330 python3 bench/decode_step.py --out "$WORK/decode_step.json" ;;
+    stepprof)
+      step decode_profile 240 python3 bench/decode_profile.py --out "$WORK/decode_profile.json" ;;
     prefill)
       step prefill_attention 120 python3 bench/prefill_attention.py \
         --out "$WORK/prefill_attention.json" ;;

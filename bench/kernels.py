@@ -1,7 +1,9 @@
 """Paged decode attention: our CUDA kernel against the copy bandwidth and torch's attention.
 
 Builds the kernels if needed (csrc/build.py), then for each batch x context:
-(a) copy reference: one device `copy_` of --ref-nbytes; GB/s counts bytes read + written
+(a) copy reference: one device `copy_` of --ref-nbytes; GB/s counts bytes read + written;
+    and per row a copy that moves the row's bytes (read + written), so a short call's
+    launch and ramp are in the reference too (`copy_same_bytes`)
 (b) ours: cuda_ops.paged_decode on a paged cache (blocks scattered at random); GB/s counts
     K/V bytes read + q + out, and its fraction of (a)
 (c) sdpa: F.scaled_dot_product_attention(enable_gqa=True) on contiguous K/V of the same data
@@ -100,6 +102,13 @@ def copy_reference(args: argparse.Namespace, timer: Timer) -> dict:
     return {"nbytes": args.ref_nbytes, "median_s": s, "GBps": 2 * args.ref_nbytes / s / 1e9}
 
 
+def copy_same_bytes_s(timer: Timer, nbytes: int) -> float:
+    """One device copy that reads nbytes / 2 and writes as many."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return timer.median_s(lambda: dst.copy_(src))
+
+
 def make_case(args: argparse.Namespace, batch: int, context: int, seed: int = 0):
     dtype = getattr(torch, args.dtype)
     h, kvh, d, bs = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size
@@ -145,6 +154,9 @@ def bench_row(args: argparse.Namespace, timer: Timer, batch: int, context: int,
         "nbytes": nbytes, "ours_s": t_ours, "ours_GBps": nbytes / t_ours / 1e9,
         "ours_frac_of_copy": nbytes / t_ours / 1e9 / copy_gbps,
     }
+    t_copy = copy_same_bytes_s(timer, nbytes)
+    row["copy_same_bytes_GBps"] = nbytes / t_copy / 1e9
+    row["ours_frac_of_copy_same_bytes"] = t_copy / t_ours
     if args.splits_sweep:
         row["splits_sweep_s"] = {n: timer.median_s(ours_fn(n))
                                  for n in (int(x) for x in args.splits_sweep.split(","))}
@@ -187,7 +199,7 @@ def main() -> None:
     copy = copy_reference(args, timer)
     print(f"copy reference: {copy['GBps']:.1f} GB/s (read + write, {args.ref_nbytes} bytes)")
     print(f"{'batch':>5} {'ctx':>6} {'split':>5} {'ours us':>9} {'GB/s':>7} {'of copy':>7} "
-          f"{'sdpa us':>9} {'packed us':>9} {'paged us':>9} {'diff':>8}")
+          f"{'of same':>7} {'sdpa us':>9} {'packed us':>9} {'paged us':>9} {'diff':>8}")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for context in [int(c) for c in args.contexts.split(",")]:
@@ -196,6 +208,7 @@ def main() -> None:
             diff = r.get("max_abs_diff_vs_sdpa")
             print(f"{batch:5d} {context:6d} {r['num_splits']:5d} {fmt(r['ours_s'])} "
                   f"{r['ours_GBps']:7.1f} {r['ours_frac_of_copy']:7.2f} "
+                  f"{r['ours_frac_of_copy_same_bytes']:7.2f} "
                   f"{fmt(r.get('sdpa_s'))} {fmt(r.get('varlen_packed_s'))} "
                   f"{fmt(r.get('varlen_paged_s'))} "
                   f"{diff if diff is None else f'{diff:8.4f}'}"

@@ -5,7 +5,8 @@ with two GPUs, 0,0 with one):
 (a) reference for cuda_ipc: P != D: one plain `copy_` of --ref-nbytes from cuda:P to cuda:D
     in one process (P2P); P == D: the same `copy_` within cuda:P (a same-device copy)
 (b) cuda_ipc: the decode process pulls N blocks out of the prefill process's pool; GB/s of
-    the pull (`recv`) and end to end, each as a fraction of (a)
+    the pull (`recv`) and end to end, each as a fraction of (a); once with torch's copies,
+    once with csrc's copy_blocks kernel (`cuda_ipc+kernel`, when `make kernels` has built it)
 (c) pinned: one --ref-nbytes copy cuda:P -> pinned host (D2H) and one pinned host -> cuda:D
     (H2D); their serial sum is the reference of shm_ring
 (d) shm_ring: the prefill process gathers N blocks into the ring (`send`), the decode process
@@ -184,10 +185,15 @@ def digest(pool: torch.Tensor, block_ids: list[int]) -> str:
 
 
 def transport_kw(args: argparse.Namespace, name: str) -> dict:
+    """`name` is a transport, or cuda_ipc+kernel: cuda_ipc pulling with csrc's copy_blocks."""
     if name == "shm_ring":
         return {"num_slots": max(args.block_counts),
                 "piece_nbytes": int(args.ring_piece_mib * 2**20)}
-    return {"max_staged_nbytes": args.ipc_staged_mib * 2**20}
+    kw = {"max_staged_nbytes": args.ipc_staged_mib * 2**20}
+    if name == "cuda_ipc+kernel":
+        from services.worker.ops import cuda_ops
+        kw["copy_blocks"] = cuda_ops.copy_blocks
+    return kw
 
 
 def _set_device(args: argparse.Namespace, device: str) -> None:
@@ -200,7 +206,8 @@ def _set_device(args: argparse.Namespace, device: str) -> None:
 def _prefill_main(args: argparse.Namespace, name: str, device: str, conn: Connection) -> None:
     _set_device(args, device)
     pool = make_pool(args, device, fill=True)
-    t = make_transport(name, pool, worker="bench-prefill", **transport_kw(args, name))
+    t = make_transport(name.split("+")[0], pool, worker="bench-prefill",
+                       **transport_kw(args, name))
     conn.send(t.export())
     while True:
         cmd, *rest = conn.recv()
@@ -232,7 +239,8 @@ def _decode_main(args: argparse.Namespace, name: str, device: str, conn: Connect
     try:
         _set_device(args, device)
         pool = make_pool(args, device, fill=False)
-        t = make_transport(name, pool, worker="bench-decode", **transport_kw(args, name))
+        t = make_transport(name.split("+")[0], pool, worker="bench-decode",
+                           **transport_kw(args, name))
         export, rng, rows = conn.recv(), random.Random(0), []
         for n, layout in [(n, lay) for n in args.block_counts
                           for lay in ("consecutive", "scattered")]:
@@ -328,10 +336,14 @@ def main(argv: list[str] | None = None) -> dict:
             make_pool(args, src_device, fill=True), make_pool(args, dst_device, fill=False),
             args.block_counts, args.warmup, args.reps)
         torch.cuda.empty_cache()
-        out["cuda_ipc"] = bench_transport(args, "cuda_ipc", src_device, dst_device)
-        for row in out["cuda_ipc"]:  # the pull alone (recv), as before; and end to end
-            row[f"fraction_of_{ref['kind']}"] = row["recv_GBps"] / ref["GBps"]
-            row[f"end_to_end_fraction_of_{ref['kind']}"] = row["end_to_end_GBps"] / ref["GBps"]
+        from services.worker.ops import cuda_ops
+        ipc = ["cuda_ipc"] + (["cuda_ipc+kernel"] if cuda_ops.load() is not None else [])
+        for name in ipc:  # torch copies, then csrc's copy_blocks (one launch) if built
+            out[name] = bench_transport(args, name, src_device, dst_device)
+            for row in out[name]:  # the pull alone (recv), as before; and end to end
+                row[f"fraction_of_{ref['kind']}"] = row["recv_GBps"] / ref["GBps"]
+                row[f"end_to_end_fraction_of_{ref['kind']}"] = (
+                    row["end_to_end_GBps"] / ref["GBps"])
     else:
         torch.set_num_threads(args.cpu_threads)
         out["memcpy"] = bench_memcpy(args)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -64,13 +65,17 @@ def _local_device_index(peer_export: dict) -> int:
 
 
 MAX_DIRECT_RUNS = 32  # more fragmented than this: gather, one P2P copy, scatter
+# copy_blocks(src_pool, dst_pool, src_ids, dst_ids): every layer's K and V of each block pair,
+# dst_pool[:, :, dst_ids] = src_pool[:, :, src_ids], queued on the current stream
+BlockCopy = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], None]
 
 
 class CudaIpcTransport(KvTransport):
     name = "cuda_ipc"
 
     def __init__(self, kv_pool: torch.Tensor, worker: str = "worker",
-                 max_staged_nbytes: int = DEFAULT_MAX_STAGED_NBYTES) -> None:
+                 max_staged_nbytes: int = DEFAULT_MAX_STAGED_NBYTES,
+                 copy_blocks: BlockCopy | None = None) -> None:
         super().__init__(kv_pool, worker)
         if self.device.type != "cuda":
             raise TransportError(
@@ -78,6 +83,7 @@ class CudaIpcTransport(KvTransport):
                 "(use shm_ring)"
             )
         self.blocks_per_copy = max(1, max_staged_nbytes // self.block_nbytes)
+        self.copy_blocks = copy_blocks
         self._export: dict | None = None
         self._peers: dict[bytes, torch.Tensor] = {}  # IPC handle -> the peer's pool
         self._stream = torch.cuda.Stream(self.device)
@@ -142,10 +148,12 @@ class CudaIpcTransport(KvTransport):
         self.check_block_ids(dst_block_ids, "dst_block_ids", unique=True)
         if not src_block_ids:
             return
-        runs = block_runs(src_block_ids, dst_block_ids)
+        runs = None if self.copy_blocks is not None else block_runs(src_block_ids, dst_block_ids)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            if len(runs) <= MAX_DIRECT_RUNS:
+            if runs is None:  # one launch on our GPU reads every block out of the peer's pool
+                self.copy_blocks(peer_pool, self.kv_pool, src_block_ids, dst_block_ids)
+            elif len(runs) <= MAX_DIRECT_RUNS:
                 # one strided peer-to-peer copy per run of consecutive blocks: torch runs it
                 # as a kernel that reads the peer's pool over NVLink, no staging
                 for s, d, n in runs:

@@ -25,6 +25,7 @@ from common.protocol import KvAck, KvChunk, KvReady, Message, Reserve, Reserved,
 from common.transport import KvTransport, TransportError, make_transport, transports_for
 from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.sequence import Sequence
+from services.worker.ops import cuda_ops
 
 if TYPE_CHECKING:
     from services.worker.main import Worker
@@ -75,12 +76,19 @@ class HandoffError(ValueError):
     """A hand-off message that does not fit this worker's state; the text says why."""
 
 
+def transport_kw(name: str) -> dict:
+    """cuda_ipc pulls KV with csrc's copy_blocks kernel (one launch) when it is built."""
+    if name == "cuda_ipc" and cuda_ops.load() is not None:
+        return {"copy_blocks": cuda_ops.copy_blocks}
+    return {}
+
+
 class Handoff:
     def __init__(self, worker: Worker, lease_s: float):
         self.w = worker
         self.lease_s = lease_s
         pool = worker.engine.runner.kv_pool
-        self.transports = {n: make_transport(n, pool, worker=worker.name)
+        self.transports = {n: make_transport(n, pool, worker=worker.name, **transport_kw(n))
                            for n in transports_for(pool.device)}
         self.reserved: dict[str, Reservation] = {}
         self.outgoing: dict[str, Outgoing] = {}

@@ -125,3 +125,36 @@ def test_kernels_give_the_torch_path_tokens(root, shape, monkeypatch):
     reference = LLM(str(path), enforce_eager=True, **kw)
     assert reference.engine.runner.graphs is None
     assert [o.token_ids for o in reference.generate(ps, params)] == fast
+
+
+@needs_kernels
+def test_copy_on_write_uses_the_kernel_and_copies_exactly(root, monkeypatch):
+    """ModelRunner.copy_blocks goes through csrc's copy_blocks on a GPU; the pool afterwards
+    equals torch indexing's; and n=2 greedy samples (forked: the shared last block is copied
+    on write) both give the n=1 tokens."""
+    from services.worker.models.random_model import tiny_test_model
+    from services.worker.ops import cuda_ops
+
+    path = tiny_test_model("small-qwen3", root, None)
+    llm = LLM(str(path), device="cuda:0", dtype="bfloat16", num_kv_blocks=256)
+    runner = llm.engine.runner
+    runner.kv_pool.normal_()
+    expected = runner.kv_pool.clone()
+    copies = [(3, 200), (9, 2), (10, 11), (255, 0)]
+    cuda_ops.copy_blocks_reference(expected, expected, [s for s, _ in copies],
+                                   [d for _, d in copies])
+    calls = []
+    real = cuda_ops.copy_blocks
+    monkeypatch.setattr(cuda_ops, "copy_blocks", lambda *a: calls.append(a) or real(*a))
+    runner.copy_blocks(copies)
+    assert len(calls) == 1
+    assert torch.equal(runner.kv_pool.view(torch.int16), expected.view(torch.int16))
+    ps = _prompts([21, 40], seed=5, vocab=500)  # 21: the last block is shared, partly full
+    one = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    two = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)
+    want = [o.token_ids for o in llm.generate(ps, one)]
+    calls.clear()
+    outs = llm.generate(ps, two)
+    assert calls, "forked sequences made no copy-on-write copy"
+    for o, w in zip(outs, want, strict=True):
+        assert [c.token_ids for c in o.outputs] == [w, w]

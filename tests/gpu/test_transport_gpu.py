@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.transport import make_transport
+from services.worker.ops import cuda_ops
 
 try:
     import msgpack
@@ -22,6 +23,12 @@ BLOCK_NBYTES = 4 * 2 * 16 * 2 * 64 * 2  # bf16
 TIMEOUT_S = 120
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 OTHER_GPU = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"  # the decode side's
+# cuda_ipc's ways to pull: torch copies (runs, or gather + P2P + scatter), or csrc's kernel
+KERNEL = pytest.param({"copy_blocks": cuda_ops.copy_blocks}, id="kernel",
+                      marks=pytest.mark.skipif(cuda_ops.load() is None,
+                                               reason="csrc kernels not built (make kernels)"))
+IPC_KWS = [pytest.param({}, id="runs"),
+           pytest.param({"max_staged_nbytes": 5 * BLOCK_NBYTES}, id="staged"), KERNEL]
 
 
 def reference_pool(seed: int = 1234) -> torch.Tensor:
@@ -116,12 +123,12 @@ def run_pair(name: str, decode_device: str, kw: dict | None = None) -> None:
 
 
 @two_gpus
-@pytest.mark.parametrize("kw", [{}, {"max_staged_nbytes": 5 * BLOCK_NBYTES}])
+@pytest.mark.parametrize("kw", IPC_KWS)
 def test_cuda_ipc_two_processes_two_gpus(kw):
     run_pair("cuda_ipc", "cuda:1", kw)
 
 
-@pytest.mark.parametrize("kw", [{}, {"max_staged_nbytes": 5 * BLOCK_NBYTES}])
+@pytest.mark.parametrize("kw", IPC_KWS)
 def test_cuda_ipc_two_processes_one_gpu(kw):
     run_pair("cuda_ipc", "cuda:0", kw)
 
@@ -194,6 +201,7 @@ def _chunked_decode_main(name: str, device: str, kw: dict, from_prefill: mp.Queu
 
 @pytest.mark.parametrize("name, kw, early", [
     ("cuda_ipc", {}, False),
+    pytest.param("cuda_ipc", *KERNEL.values, False, marks=KERNEL.marks, id="cuda_ipc-kernel"),
     ("shm_ring", {"num_slots": NUM_BLOCKS}, False),
     ("shm_ring", {"num_slots": NUM_BLOCKS, "piece_nbytes": 3 * BLOCK_NBYTES}, True),
 ])

@@ -28,7 +28,7 @@ from tests.unit.test_worker_handoff import StubWorker, free
 
 BLOCK_SIZE, BUDGET, NUM_BLOCKS = 8, 8, 32  # a prompt of 45 tokens: 6 steps, 5 full blocks
 SAMPLING = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True).to_dict()
-PROMPT = prompts([45], seed=31)[0]
+PROMPT = prompts([45], seed=31, vocab=512)[0]  # within every tiny vocab (the GPU tests: 512)
 
 
 @pytest.fixture()

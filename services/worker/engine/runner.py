@@ -10,6 +10,7 @@ from services.worker.engine.config import EngineConfig
 from services.worker.engine.cuda_graphs import DecodeGraphs, why_not_capturable
 from services.worker.models.config import ModelConfig, parse_dtype
 from services.worker.models.loader import load_model
+from services.worker.ops import cuda_ops
 from services.worker.ops.attn_metadata import AttnMetadata
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,12 @@ class ModelRunner:
         return int(num)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate whole blocks (all layers, K and V) src -> dst."""
-        if copies:
+        """Copy-on-write: duplicate whole blocks (all layers, K and V) src -> dst (fresh blocks,
+        never a src): csrc's copy_blocks in one launch on a GPU when built, else torch indexing."""
+        if copies and self.device.type == "cuda" and cuda_ops.load() is not None:
+            cuda_ops.copy_blocks(self.kv_pool, self.kv_pool, [s for s, _ in copies],
+                                 [d for _, d in copies])
+        elif copies:
             src = torch.tensor([s for s, _ in copies], device=self.device)
             dst = torch.tensor([d for _, d in copies], device=self.device)
             self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]

@@ -1,0 +1,163 @@
+"""Where a decode step's GPU time goes: every kernel of one step by name and kind, and each
+linear layer's GEMV alone against the copy bandwidth.
+
+For a batch x context of a real model shape (random weights):
+- the step's kernels, from torch.profiler over --reps eager steps and --reps CUDA-graph
+  replays: time per step by kernel name and by kind (gemm, attention, our fused kernels, other),
+  their count, and the replay's GPU time against the sum of its kernels (the gaps);
+- every distinct linear shape of a layer, at the step's row count, timed alone inside a CUDA
+  graph of --gemv-calls back-to-back calls (launch gaps as in the step): us per call and GB/s of
+  weight reads, as a fraction of a device copy's bandwidth measured in the same run.
+
+    python3 bench/decode_profile.py --out decode_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a plain copy of the repo, no install
+    sys.path.insert(0, str(ROOT))
+
+from bench.decode_step import copy_gbps, decode_batch, median_ms, weight_nbytes  # noqa: E402
+from services.worker.engine import LLM  # noqa: E402
+from services.worker.models.random_model import write_random_model  # noqa: E402
+
+KINDS = [("attention", ("paged_decode",)), ("fused", ("nanopd", "fused", "rms", "rotary", "silu")),
+         ("gemm", ("gemm", "gemv", "cutlass", "xmma", "sm90", "splitk", "cublas"))]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_kernels(fn, reps: int) -> dict:
+    """Per call of fn: GPU us by kernel name (with its count) and by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time_total > 0:
+            by_name[ev.name][0] += ev.device_time_total / reps
+            by_name[ev.name][1] += 1 / reps
+    names = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, (us, _) in names:
+        by_kind[kind_of(name)] += us
+    return {"kernel_us_per_step": sum(us for _, (us, _) in names),
+            "launches_per_step": sum(n for _, (_, n) in names),
+            "by_kind_us": dict(by_kind),
+            "by_name": [{"name": n[:160], "us": us, "count": c, "kind": kind_of(n)}
+                        for n, (us, c) in names[:40]]}
+
+
+def linear_shapes(model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(name, out, in) of each distinct linear of layer 0, and lm_head."""
+    seen, shapes = set(), []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and (".layers." not in name
+                                                  or ".layers.0." in name):
+            key = tuple(mod.weight.shape)
+            if key not in seen:
+                seen.add(key)
+                shapes.append((name, *key))
+    return shapes
+
+
+def graph_us_per_call(fn, calls: int) -> float:
+    """GPU us per call of fn, captured `calls` times back to back in one CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return median_ms(g.replay, 10, events=True) * 1e3 / calls
+
+
+def time_linears(shapes, rows: int, calls: int, gbps: float, dtype) -> list[dict]:
+    out = []
+    for name, n_out, n_in in shapes:
+        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) * 0.02
+        b = torch.randn(n_out, device="cuda", dtype=dtype) * 0.02
+        x = torch.randn(rows, n_in, device="cuda", dtype=dtype)
+        for bias in (None, b):
+            us = graph_us_per_call(lambda x=x, w=w, bias=bias: torch.nn.functional.linear(
+                x, w, bias), calls)
+            nbytes = w.numel() * w.element_size()
+            out.append({"layer": name, "out": n_out, "in": n_in, "rows": rows,
+                        "bias": bias is not None, "us": us, "GBps": nbytes / us / 1e3,
+                        "fraction_of_copy": nbytes / us / 1e3 / gbps})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="qwen2.5-1.5b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--gemv-calls", type=int, default=50)
+    p.add_argument("--out")
+    args = p.parse_args()
+    gbps = copy_gbps()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / args.shape
+        write_random_model(model_dir, args.shape, dtype="bfloat16", device="cuda")
+        need = args.batch * -(-args.context // 16) + 64
+        llm = LLM(model=str(model_dir), device="cuda:0", dtype="bfloat16", num_kv_blocks=need,
+                  max_num_seqs=max(args.batch, 8), max_model_len=args.context + 16)
+        runner = llm.engine.runner
+        spec = decode_batch(runner, args.batch, args.context, torch.Generator().manual_seed(0))
+        rows = list(range(args.batch))
+        graphs = runner.graphs
+        result = {"bench": "decode_profile", "date": datetime.date.today().isoformat(),
+                  "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "shape": args.shape, "batch": args.batch, "context": args.context,
+                  "copy_GBps": gbps, "weight_nbytes": weight_nbytes(runner.model)}
+        result["floor_ms"] = result["weight_nbytes"] / gbps / 1e6
+        runner.run(spec, rows)
+        g = graphs.graphs[graphs.padded_size(args.batch)]
+        result["graph_gpu_ms"] = median_ms(g.replay, 20, events=True)
+        result["graph"] = profile_kernels(g.replay, args.reps)
+        runner.graphs = None
+        result["eager"] = profile_kernels(lambda: runner.run(spec, rows), args.reps)
+        runner.graphs = graphs
+        result["linears"] = time_linears(linear_shapes(runner.model), args.batch,
+                                         args.gemv_calls, gbps, torch.bfloat16)
+    for mode in ("graph", "eager"):
+        r = result[mode]
+        print(f"{mode}: {r['kernel_us_per_step']:.1f} us of kernels, "
+              f"{r['launches_per_step']:.0f} launches; by kind {r['by_kind_us']}")
+        for row in r["by_name"][:15]:
+            print(f"  {row['us']:8.1f} us x{row['count']:5.0f}  {row['kind']:9s} "
+                  f"{row['name'][:90]}")
+    print(f"graph replay {result['graph_gpu_ms']:.3f} ms, floor {result['floor_ms']:.3f} ms")
+    for row in result["linears"]:
+        print(f"  {row['layer']:40s} {row['out']:6d}x{row['in']:<6d} bias={row['bias']!s:5s} "
+              f"{row['us']:7.2f} us {row['fraction_of_copy']:.2f} of copy")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
