@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:  # run from a plain copy of the repo, no install
 from bench.decode_step import copy_gbps, decode_batch, median_ms, weight_nbytes  # noqa: E402
 from services.worker.engine import LLM  # noqa: E402
 from services.worker.models.random_model import write_random_model  # noqa: E402
+from services.worker.ops import cuda_ops, gemv_ops  # noqa: E402
 
 KINDS = [("attention", ("paged_decode",)), ("fused", ("nanopd", "fused", "rms", "rotary", "silu")),
          ("gemm", ("gemm", "gemv", "cutlass", "xmma", "sm90", "splitk", "cublas"))]
@@ -94,19 +95,31 @@ def graph_us_per_call(fn, calls: int) -> float:
     return median_ms(g.replay, 10, events=True) * 1e3 / calls
 
 
-def time_linears(shapes, rows: int, calls: int, gbps: float, dtype) -> list[dict]:
+def time_linears(shapes, rows_list: list[int], calls: int, gbps: float, dtype) -> list[dict]:
+    """Each linear shape at each row count: cuBLAS (F.linear) and, when built, our GEMV."""
+    impls = {"cublas": torch.nn.functional.linear}
+    if cuda_ops.load() is not None and hasattr(cuda_ops.load(), "gemv"):
+        impls["ours"] = gemv_ops.gemv
     out = []
     for name, n_out, n_in in shapes:
         w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) * 0.02
         b = torch.randn(n_out, device="cuda", dtype=dtype) * 0.02
-        x = torch.randn(rows, n_in, device="cuda", dtype=dtype)
-        for bias in (None, b):
-            us = graph_us_per_call(lambda x=x, w=w, bias=bias: torch.nn.functional.linear(
-                x, w, bias), calls)
-            nbytes = w.numel() * w.element_size()
-            out.append({"layer": name, "out": n_out, "in": n_in, "rows": rows,
-                        "bias": bias is not None, "us": us, "GBps": nbytes / us / 1e3,
-                        "fraction_of_copy": nbytes / us / 1e3 / gbps})
+        nbytes = w.numel() * w.element_size()
+        for rows in rows_list:
+            x = torch.randn(rows, n_in, device="cuda", dtype=dtype)
+            for bias in (None, b):
+                row = {"layer": name, "out": n_out, "in": n_in, "rows": rows,
+                       "bias": bias is not None}
+                for impl, fn in impls.items():
+                    if impl == "ours" and rows > gemv_ops.GEMV_MAX_ROWS:
+                        continue
+                    us = graph_us_per_call(lambda fn=fn, x=x, w=w, bias=bias: fn(x, w, bias),
+                                           calls)
+                    row[f"{impl}_us"] = us
+                    row[f"{impl}_fraction_of_copy"] = nbytes / us / 1e3 / gbps
+                if "ours_us" in row:
+                    row["ours_speedup"] = row["cublas_us"] / row["ours_us"]
+                out.append(row)
     return out
 
 
@@ -117,6 +130,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--gemv-calls", type=int, default=50)
+    p.add_argument("--gemv-rows", default="1,2,4,8,16", help="row counts of the linears alone")
     p.add_argument("--out")
     args = p.parse_args()
     gbps = copy_gbps()
@@ -142,7 +156,8 @@ def main() -> None:
         runner.graphs = None
         result["eager"] = profile_kernels(lambda: runner.run(spec, rows), args.reps)
         runner.graphs = graphs
-        result["linears"] = time_linears(linear_shapes(runner.model), args.batch,
+        result["linears"] = time_linears(linear_shapes(runner.model),
+                                         [int(r) for r in args.gemv_rows.split(",")],
                                          args.gemv_calls, gbps, torch.bfloat16)
     for mode in ("graph", "eager"):
         r = result[mode]
@@ -153,8 +168,11 @@ def main() -> None:
                   f"{row['name'][:90]}")
     print(f"graph replay {result['graph_gpu_ms']:.3f} ms, floor {result['floor_ms']:.3f} ms")
     for row in result["linears"]:
-        print(f"  {row['layer']:40s} {row['out']:6d}x{row['in']:<6d} bias={row['bias']!s:5s} "
-              f"{row['us']:7.2f} us {row['fraction_of_copy']:.2f} of copy")
+        ours = (f"ours {row['ours_us']:7.2f} us {row['ours_fraction_of_copy']:.2f}  "
+                f"x{row['ours_speedup']:.2f}" if "ours_us" in row else "")
+        print(f"  {row['layer'][-24:]:24s} {row['out']:6d}x{row['in']:<6d} rows {row['rows']:2d} "
+              f"bias={row['bias']!s:5s} cublas {row['cublas_us']:7.2f} us "
+              f"{row['cublas_fraction_of_copy']:.2f} of copy  {ours}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

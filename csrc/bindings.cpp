@@ -210,6 +210,7 @@ std::string copy_blocks(const at::Tensor& src_pool, at::Tensor& dst_pool,
 }  // namespace
 
 void add_fused_bindings(pybind11::module_& m);  // fused_bindings.cpp
+void add_gemv_bindings(pybind11::module_& m);   // gemv_bindings.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nanopd CUDA kernels (csrc/); call them through services/worker/ops/cuda_ops.py";
@@ -217,4 +218,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, "write new K/V rows into their cache slots");
   m.def("copy_blocks", &copy_blocks, "copy whole KV blocks (all layers, K and V) between pools");
   add_fused_bindings(m);
+  add_gemv_bindings(m);
 }

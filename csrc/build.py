@@ -23,9 +23,9 @@ CSRC = Path(__file__).resolve().parent
 BUILD_DIR = CSRC.parent / "build" / "kernels"
 NAME = "nanopd_kernels"
 SOURCES = ["bindings.cpp", "paged_decode.cu", "kv_store.cu", "kv_copy.cu", "fused_bindings.cpp",
-           "fused.cu"]
+           "fused.cu", "gemv_bindings.cpp", "gemv.cu"]
 HEADERS = ["nanopd_kernels.h", "binding_checks.h", "device_utils.cuh",
-           "paged_decode.cuh", "fused_kernels.h"]  # for readers
+           "paged_decode.cuh", "fused_kernels.h", "gemv.h"]  # for readers
 
 
 def build(verbose: bool = False, ptxas_info: bool = False, variant: str | None = None,

@@ -68,6 +68,25 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// element 0 (low half) and 1 (high half) of a 32-bit pair, exactly, as floats
+template <typename T>
+__device__ __forceinline__ float lo_float(uint32_t w) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __uint_as_float(w << 16);
+  } else {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float hi_float(uint32_t w) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __uint_as_float(w & 0xffff0000u);
+  } else {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T from_float(float x) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {

@@ -26,25 +26,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 template <typename T>
 constexpr bool kIsBf16 = std::is_same_v<T, __nv_bfloat16>;
 
-// element 0 (low half) and 1 (high half) of a 32-bit pair, exactly, as floats
-template <typename T>
-__device__ __forceinline__ float lo_float(uint32_t w) {
-  if constexpr (kIsBf16<T>) {
-    return __uint_as_float(w << 16);
-  } else {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float hi_float(uint32_t w) {
-  if constexpr (kIsBf16<T>) {
-    return __uint_as_float(w & 0xffff0000u);
-  } else {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
-  }
-}
-
 // x rounded to the dtype (nearest even), as a float
 template <typename T>
 __device__ __forceinline__ float rnd(float x) {

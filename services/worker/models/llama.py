@@ -2,6 +2,7 @@
 
 One module covers the three: Qwen2 adds QKV bias, Qwen3 adds per-head RMSNorm on q and k.
 Projections are fused (q|k|v and gate|up); the loader maps checkpoint names into them.
+They are ops/gemv_ops.Linear: nn.Linear whose decode-sized CUDA batches take csrc's GEMV.
 Layers pass the residual stream along beside the hidden states (vLLM's form), so that each
 norm is one fused add-and-norm kernel on the GPU (ops/fused_ops.py).
 """
@@ -17,6 +18,7 @@ from services.worker.ops import attention as attn_ops
 from services.worker.ops import fused_ops
 from services.worker.ops.attn_metadata import AttnMetadata
 from services.worker.ops.fused_reference import split_qkv
+from services.worker.ops.gemv_ops import Linear
 
 
 class Attention(nn.Module):
@@ -28,8 +30,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -64,8 +66,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
