@@ -1,4 +1,4 @@
-// Device helpers of the nanopd kernels: cp.async, tensor-core mma, 16-bit packing.
+// Device helpers of the nanopd kernels: cp.async, ordered read-only loads, mma, 16-bit packing.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,6 +40,31 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>  // wait until at most N of this thread's committed groups are pending
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+
+// Read-only global loads that the compiler keeps where they are written (volatile asm): a
+// kernel's first loads, issued together before any of them is used, cost one round trip.
+__device__ __forceinline__ int ld_nc_s32(const int32_t* ptr) {
+  int v;
+  asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ uint4 ld_nc_v4(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  return v;
+}
+
+// *ptr += v at GPU scope, acquire and release (MEMBAR.ALL, not __threadfence's MEMBAR.SC):
+// writes that precede it, in this thread or in its block before a __syncthreads, are visible
+// to a thread that sees the count; returns the old value.
+__device__ __forceinline__ int atomic_add_acq_rel_gpu(int32_t* ptr, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;"
+               : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {  // exp2(-inf) = 0

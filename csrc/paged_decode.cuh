@@ -35,11 +35,14 @@ namespace nanopd {
 #ifndef NANOPD_DECODE_STAGES
 #define NANOPD_DECODE_STAGES 3
 #endif
+#ifndef NANOPD_COMBINE_PAIRS  // combine_splits' loads in flight per thread at head_dim 128
+#define NANOPD_COMBINE_PAIRS 16
+#endif
 constexpr int kWarps = NANOPD_DECODE_WARPS;
 constexpr int kTile = 16;  // tokens per warp iteration: one mma k-step of P V
 constexpr int kStages = NANOPD_DECODE_STAGES;  // tiles per warp in the cp.async ring
 constexpr int kChunkAlign = 64;  // chunk sizes are multiples of this many tokens
-constexpr int kMaxSplits = 256;  // the combine step keeps group x splits weights in the ring
+constexpr int kMaxSplits = 256;  // chunks per sequence at most (the launcher checks)
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kStages >= 2 && kWarps >= 1 && kWarps <= 8, "unsupported tuning");
 
@@ -49,18 +52,6 @@ __host__ __device__ __forceinline__ int chunk_tokens(int ctx, int max_splits, in
   const int per = (ctx + max_splits - 1) / max_splits;
   const int aligned = (per + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
   return aligned > min_chunk ? aligned : min_chunk;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
 }
 
 // Shared memory of one thread block: per warp kStages tiles of 16-byte pieces, [piece][lane].
@@ -96,36 +87,70 @@ __device__ __forceinline__ float combine_warps(const uint4* smem, const float (*
   return mx;
 }
 
-// out = sum_k w_k out_k / sum_k w_k over a sequence's chunks, w_k = sum_k 2^(max_k - max).
-// Runs in the last block of the (sequence, KV head) to finish; s_w: group x num_parts floats.
-template <typename T, int HEAD_DIM>
-__device__ void combine_splits(const PagedDecodeParams& p, float* s_w, int seq, int head0,
-                               int group, int num_parts, T* out) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int row = warp; row < group; row += kWarps) {
-    const int64_t base = ((int64_t)seq * p.num_heads + head0 + row) * p.max_splits;
-    float mx = -INFINITY;
-    for (int k = lane; k < num_parts; k += 32) mx = fmaxf(mx, __ldcg(p.partial_max + base + k));
-    mx = warp_max(mx);
-    float total = 0.f;
-    for (int k = lane; k < num_parts; k += 32) {
-      const float w = __ldcg(p.partial_sum + base + k) * fast_exp2(__ldcg(p.partial_max + base + k) - mx);
-      s_w[row * num_parts + k] = w;
-      total += w;
+// out = sum_k w_k out_k / sum_k w_k over a sequence's chunks, w_k = sum_k 2^(max_k - max), in
+// the last block of the (sequence, KV head) to finish. Each thread owns E float4 slices (row,
+// 4 dims) of the group's output and takes the chunks KB at a time, in chunk order (the same
+// bits every run), with every load of a round issued before any is used: up to KB chunks cost
+// one L2 round trip, not one per row and phase. Rounds rescale by the running max. VEC: the
+// workspace is 16-byte aligned (torch's allocations are), so a slice is one 16-byte load.
+template <typename T, int HEAD_DIM, int ROWS, bool VEC>
+__device__ __forceinline__ void combine_splits(const PagedDecodeParams& p, int seq, int head0,
+                                               int group, int num_parts, T* out) {
+  constexpr int NTH = kWarps * 32, V4 = HEAD_DIM / 4;  // threads; float4 slices of a row
+  constexpr int E = (ROWS * V4 + NTH - 1) / NTH;
+  // (slice, chunk) pairs in flight, 6 registers each: head_dim 64 stays within the 128
+  // registers of 4 blocks per SM; at 128, shared memory allows 2 blocks, registers 255
+  constexpr int PAIRS = HEAD_DIM > 64 ? NANOPD_COMBINE_PAIRS : 8;
+  constexpr int KB = E >= PAIRS ? 1 : PAIRS / E;  // chunks per round
+  const int64_t base = ((int64_t)seq * p.num_heads + head0) * p.max_splits;
+  float m[E], l[E];
+  float4 acc[E];
+#pragma unroll
+  for (int n = 0; n < E; ++n) m[n] = -INFINITY, l[n] = 0.f, acc[n] = make_float4(0, 0, 0, 0);
+  for (int k0 = 0; k0 < num_parts; k0 += KB) {
+    float pm[E][KB], ps[E][KB];
+    float4 po[E][KB];
+#pragma unroll
+    for (int n = 0; n < E; ++n) {
+      const int v = threadIdx.x + NTH * n, row = v / V4;
+#pragma unroll
+      for (int j = 0; j < KB; ++j) {
+        const bool on = row < group && k0 + j < num_parts;
+        const int64_t k = base + (int64_t)row * p.max_splits + k0 + j;
+        pm[n][j] = on ? __ldcg(p.partial_max + k) : -INFINITY;
+        ps[n][j] = on ? __ldcg(p.partial_sum + k) : 0.f;
+        const float* src = p.partial_out + k * HEAD_DIM + 4 * (v % V4);
+        po[n][j] = !on ? make_float4(0, 0, 0, 0)
+                   : VEC ? __ldcg(reinterpret_cast<const float4*>(src))
+                             : make_float4(__ldcg(src), __ldcg(src + 1), __ldcg(src + 2),
+                                           __ldcg(src + 3));
+      }
     }
-    const float inv = 1.f / warp_sum(total);
-    __syncwarp();
-    for (int k = lane; k < num_parts; k += 32) s_w[row * num_parts + k] *= inv;
+#pragma unroll
+    for (int n = 0; n < E; ++n) {
+      float mx = m[n];
+#pragma unroll
+      for (int j = 0; j < KB; ++j) mx = fmaxf(mx, pm[n][j]);
+      const float a = fast_exp2(m[n] - mx);  // the first round: 2^-inf = 0
+      m[n] = mx, l[n] *= a;
+      acc[n].x *= a, acc[n].y *= a, acc[n].z *= a, acc[n].w *= a;
+#pragma unroll
+      for (int j = 0; j < KB; ++j) {  // chunks past num_parts: 0 * 2^-inf = 0
+        const float w = ps[n][j] * fast_exp2(pm[n][j] - mx);
+        l[n] += w;
+        acc[n].x += w * po[n][j].x, acc[n].y += w * po[n][j].y;
+        acc[n].z += w * po[n][j].z, acc[n].w += w * po[n][j].w;
+      }
+    }
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
-    const int row = i / HEAD_DIM, d = i % HEAD_DIM;
-    const int64_t base = ((int64_t)seq * p.num_heads + head0 + row) * p.max_splits;
-    float acc = 0.f;
-    for (int k = 0; k < num_parts; ++k) {
-      acc += s_w[row * num_parts + k] * __ldcg(p.partial_out + (base + k) * HEAD_DIM + d);
-    }
-    out[row * p.out_stride_head + d] = from_float<T>(acc);
+#pragma unroll
+  for (int n = 0; n < E; ++n) {
+    const int v = threadIdx.x + NTH * n, row = v / V4, d = 4 * (v % V4);
+    if (row >= group) continue;
+    const float inv = 1.f / l[n];
+    T* o = out + row * p.out_stride_head + d;
+    o[0] = from_float<T>(acc[n].x * inv), o[1] = from_float<T>(acc[n].y * inv);
+    o[2] = from_float<T>(acc[n].z * inv), o[3] = from_float<T>(acc[n].w * inv);
   }
 }
 
@@ -140,19 +165,46 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int PIECES = pieces_per_tile<HEAD_DIM>();
   constexpr int SO = HEAD_DIM + 1;   // padded row of the cross-warp buffer
   static_assert(ROWS * SO * 4 <= kStages * PIECES * 32 * 16, "combine buffer must fit");
-  static_assert(16 * kMaxSplits * 4 <= kWarps * kStages * PIECES * 32 * 16,
-                "the chunk weights of combine_splits must fit in the ring");
 
   extern __shared__ uint4 smem[];
   __shared__ float s_max[kWarps][ROWS];
   __shared__ float s_sum[kWarps][ROWS];
 
   const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
+  const int ctx = ld_nc_s32(p.context_lens + seq);  // first: everything else waits on it
   const int group = p.num_heads / p.num_kv_heads;
   const int head0 = kv_head * group;
-  const int ctx = p.context_lens[seq];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
+  constexpr int kStride = kWarps * kTile;  // tokens between a warp's consecutive tiles
+
+  // One round trip before the first K/V copy, not three: the context length, the Q fragments
+  // and the block-table entries of this warp's first kStages tiles are loaded together. The
+  // entries are a guess, those of the chunk that starts at split * min_chunk: right for split
+  // 0 and whenever the chunk is min_chunk (ctx <= max_splits * min_chunk: the short contexts,
+  // where latency is all there is); otherwise reloaded below. A guessed index stays inside the
+  // table's row stride, so it reads no memory outside the table; -1 marks one not read.
+  const int32_t* table = p.block_tables + seq * p.block_tables_stride;
+  // Q fragments: query heads head0 + g (and head0 + g + 8); rows past the group are zero
+  const T* q = static_cast<const T*>(p.q) + seq * p.q_stride_seq + head0 * p.q_stride_head;
+  uint4 qf[RH][KC];
+#pragma unroll
+  for (int r = 0; r < RH; ++r) {
+    const int row = g + 8 * r;
+#pragma unroll
+    for (int c = 0; c < KC; ++c) {
+      qf[r][c] = row < group ? ld_nc_v4(q + row * p.q_stride_head + 8 * t + 32 * c)
+                             : make_uint4(0, 0, 0, 0);
+    }
+  }
+  const int guess_first = split * p.min_chunk + warp * kTile;
+  int blk[kStages];
+#pragma unroll
+  for (int i = 0; i < kStages; ++i) {
+    const int idx = (guess_first + i * kStride) / p.block_size;
+    blk[i] = idx < p.block_tables_stride ? ld_nc_s32(table + idx) : -1;
+  }
+
   T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + head0 * p.out_stride_head;
   if (ctx <= 0) {  // nothing to attend to (a padding row of a CUDA graph batch): zeros
     if (split == 0) {
@@ -167,18 +219,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int begin = split * chunk;
   if (begin >= ctx) return;
   const int end = min(ctx, begin + chunk);
-
-  // Q fragments: query heads head0 + g (and head0 + g + 8); rows past the group are zero
-  const T* q = static_cast<const T*>(p.q) + seq * p.q_stride_seq + head0 * p.q_stride_head;
-  uint4 qf[RH][KC];
+  const int first = begin + warp * kTile;  // this warp's tiles: first, first + kStride, ..
+  const int num_tiles = first < end ? (end - first + kStride - 1) / kStride : 0;
 #pragma unroll
-  for (int r = 0; r < RH; ++r) {
-    const int row = g + 8 * r;
-#pragma unroll
-    for (int c = 0; c < KC; ++c) {
-      qf[r][c] = row < group
-                     ? *reinterpret_cast<const uint4*>(q + row * p.q_stride_head + 8 * t + 32 * c)
-                     : make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < kStages; ++i) {  // the guess was wrong (long contexts): a second trip
+    if (i < num_tiles && (first != guess_first || blk[i] < 0)) {
+      blk[i] = __ldg(table + (first + i * kStride) / p.block_size);
     }
   }
 
@@ -191,7 +237,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   uint4* ring = smem + warp * (kStages * PIECES * 32);  // stage i: ring + i * PIECES * 32
   const T* kbase = static_cast<const T*>(p.k_cache) + kv_head * p.k_stride_head;
   const T* vbase = static_cast<const T*>(p.v_cache) + kv_head * p.v_stride_head;
-  const int32_t* table = p.block_tables + seq * p.block_tables_stride;
   constexpr int RP = HEAD_DIM / 8;          // 16-byte pieces per row
   constexpr int RPI = 32 / RP;              // rows per warp load instruction
   constexpr int LI = kTile / RPI;           // load instructions per tile, each of K and V
@@ -205,18 +250,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int k_src_row[2] = {g * RP, (8 + g) * RP};   // K rows this lane consumes
   const int k_swz = (g & 1) << 2;                    // its pieces t + 4c: t + (4c ^ k_swz)
   const int vrow[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};  // V rows it consumes
-  constexpr int kStride = kWarps * kTile;   // tokens between a warp's consecutive tiles
-  const int first = begin + warp * kTile;  // this warp's tiles: first, first + kStride, ..
-  const int num_tiles = first < end ? (end - first + kStride - 1) / kStride : 0;
-  // the block id of the next tile to issue, read one tile ahead so that issuing a tile never
-  // waits on a global load of the block table
-  int64_t next_block = num_tiles > 0 ? __ldg(table + first / p.block_size) : 0;
 
-  auto issue = [&](int i) {  // tile i of this warp into stage i % kStages, then commit
-    if (i < num_tiles) {     // (called once for each i, in order)
+  auto issue = [&](int i, int64_t block) {  // tile i of this warp (in KV block `block`) into
+    if (i < num_tiles) {                    // stage i % kStages, then commit
       const int t0 = first + i * kStride;
-      const int64_t block = next_block;
-      if (i + 1 < num_tiles) next_block = __ldg(table + (t0 + kStride) / p.block_size);
       const int off = t0 % p.block_size;
       const T* kt = kbase + block * p.k_stride_block + off * (int)p.k_stride_slot;
       const T* vt = vbase + block * p.v_stride_block + off * (int)p.v_stride_slot;
@@ -243,10 +280,17 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int i = 0; i < 2 * RH; ++i) o[j][i] = 0.f;
 
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i);
+  for (int i = 0; i < kStages - 1; ++i) issue(i, blk[i]);
+  // the block id of the next tile to issue, read one tile ahead so that issuing a tile never
+  // waits on a global load of the block table
+  int next_block = blk[kStages - 1];
   for (int i = 0; i < num_tiles; ++i) {
     __syncwarp();  // every lane is done reading the stage that tile i - 1 used
-    issue(i + kStages - 1);  // into that stage
+    const int j = i + kStages - 1, block = next_block;  // into that stage
+    if (j + 1 < num_tiles) {
+      next_block = __ldg(table + (first + (j + 1) * kStride) / p.block_size);
+    }
+    issue(j, block);
     cp_async_wait<kStages - 1>();  // this lane's copies of tile i have landed
     __syncwarp();                  // and every other lane's (K rows are shared)
     const int t0 = first + i * kStride;
@@ -354,20 +398,22 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (d == 0) p.partial_max[k] = mx, p.partial_sum[k] = sum;
   }
 
-  // The last block of this (sequence, KV head) to finish combines every chunk's result.
+  // The last block of this (sequence, KV head) to finish combines every chunk's result. One
+  // thread counts for the block, after a barrier: its release covers every thread's writes
   __shared__ int s_last;
-  __threadfence();  // this block's partial results are visible before it is counted
   __syncthreads();
   if (threadIdx.x == 0) {
     int32_t* counter = p.counters + seq * p.num_kv_heads + kv_head;
-    s_last = atomicAdd(counter, 1) == num_parts - 1;
+    s_last = atomic_add_acq_rel_gpu(counter, 1) == num_parts - 1;  // acquire: the others' too
     if (s_last) *counter = 0;  // every block has counted: ready for the next launch
   }
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
-  combine_splits<T, HEAD_DIM>(p, reinterpret_cast<float*>(smem), seq, head0, group, num_parts,
-                              out);
+  if ((reinterpret_cast<uintptr_t>(p.partial_out) & 15) == 0) {
+    combine_splits<T, HEAD_DIM, ROWS, true>(p, seq, head0, group, num_parts, out);
+  } else {
+    combine_splits<T, HEAD_DIM, ROWS, false>(p, seq, head0, group, num_parts, out);
+  }
 }
 
 }  // namespace nanopd
