@@ -138,7 +138,7 @@ def attention_share(runner, batch_spec: list, reps: int) -> dict[str, float]:
 def run_ours(args, model_dir: Path, cases: list[tuple[int, int]], floor) -> tuple[list, dict]:
     max_ctx = max(c for _, c in cases)
     max_batch = max(b for b, _ in cases)
-    need = max(b * -(-c // 16) for b, c in cases) + 64
+    need = max([b * -(-c // 16) for b, c in cases] + [-(-args.prefill_tokens // 16)]) + 64
     llm = LLM(model=str(model_dir), device="cuda:0", dtype="bfloat16", num_kv_blocks=need,
               max_num_seqs=max_batch, max_model_len=max(max_ctx, args.prefill_tokens) + 16)
     runner = llm.engine.runner

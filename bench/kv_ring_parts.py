@@ -2,7 +2,8 @@
 
 Used by bench/kv_transfer.py (the `shm_ring_parts` rows). For N consecutive blocks of a GPU
 pool: the gather into one contiguous buffer and the scatter back (`index_select` /
-`index_copy_` over 8-byte words, CUDA events), the device-to-host and host-to-device copy
+`index_copy_` over 8-byte words, CUDA events), csrc's copy_blocks kernel alone when built
+(cuda_ipc's pull, here within one process), the device-to-host and host-to-device copy
 of those bytes into a registered shared-memory ring (what shm_ring uses) and into
 `pin_memory` host memory (what the pinned reference uses), and the wall time of the
 transport's own calls in this process: `send` (queues the copies), until `poll` is true,
@@ -89,12 +90,35 @@ def _copies(src_pool: torch.Tensor, dst_pool: torch.Tensor, n: int, warmup: int,
                                             warmup, reps)
         out["scatter_s"] = _events_s(lambda: dst_by_block.index_copy_(0, dst_idx, back),
                                      warmup, reps)
+        out.update(_copy_blocks_kernel(src_pool, dst_pool, n, warmup, reps))
     out["index_upload_s"] = _wall_s(
         lambda: torch.tensor(ids, pin_memory=True).to(src_pool.device, non_blocking=True),
         warmup, reps)
     ring = pinned = None  # the mapping's last views, before it closes
     ring_map.close()
     ring_map.unlink()
+    return out
+
+
+def _copy_blocks_kernel(src_pool: torch.Tensor, dst_pool: torch.Tensor, n: int, warmup: int,
+                        reps: int) -> dict:
+    """csrc's copy_blocks alone (what cuda_ipc's recv launches), when built: n blocks in one
+    launch on the destination GPU, consecutive and scattered ids (ids already on the GPU)."""
+    from services.worker.ops import cuda_ops
+
+    if cuda_ops.load() is None:
+        return {}
+    g = torch.Generator().manual_seed(n)
+    out = {}
+    for layout, (src, dst) in {
+        "consecutive": (torch.arange(n), torch.arange(n)),
+        "scattered": (torch.randperm(src_pool.shape[2], generator=g)[:n],
+                      torch.randperm(dst_pool.shape[2], generator=g)[:n]),
+    }.items():
+        src, dst = src.to(dst_pool.device), dst.to(dst_pool.device)
+        out[f"copy_blocks_kernel_{layout}_s"] = _events_s(
+            lambda src=src, dst=dst: cuda_ops.copy_blocks(src_pool, dst_pool, src, dst),
+            warmup, reps)
     return out
 
 

@@ -33,6 +33,26 @@ __device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gmem_ptr,
                :: "r"(dst), "l"(gmem_ptr), "r"(valid ? 16 : 0) : "memory");
 }
 
+// Programmatic dependent launch (csrc/launch.h): wait until the previous kernel in the stream
+// has completed and its writes are visible (a no-op if this launch did not use PDL), and let
+// the next kernel's blocks launch (once every block of this grid has said so or exited).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Ask the L2 for the 128-byte line of p ahead of a later load (fire and forget).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }

@@ -14,6 +14,7 @@
 
 #include "device_utils.cuh"
 #include "fused_kernels.h"
+#include "launch.h"
 
 namespace nanopd {
 namespace {
@@ -105,6 +106,8 @@ __device__ __forceinline__ void scale_by_weight(float (&x)[8], float inv, const 
 template <typename T, int VPT>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const RmsNormParams p,
                                                                 float inv_hidden) {
+  pdl_wait();  // x and residual come from the previous kernel (launch.h)
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const int num_vecs = p.hidden_size / 8;
   const T* x = static_cast<const T*>(p.x) + row * p.x_stride_token;
@@ -160,6 +163,8 @@ __device__ __forceinline__ void load_table8(const float* row, float (&f)[8]) {
 template <typename T>
 __global__ void __launch_bounds__(kRotaryThreads) rotary_store_kv_kernel(
     const RotaryStoreKvParams p, int lanes_per_head) {
+  pdl_wait();  // qkv comes from the previous kernel (launch.h)
+  pdl_launch_dependents();
   const int heads = p.num_heads + 2 * p.num_kv_heads;
   const int64_t i = (int64_t)blockIdx.x * kRotaryThreads + threadIdx.x;
   const int lane = (int)(i % lanes_per_head);
@@ -243,6 +248,8 @@ __global__ void __launch_bounds__(kRotaryThreads) rotary_store_kv_kernel(
 
 template <typename T>
 __global__ void __launch_bounds__(kSiluThreads) silu_and_mul_kernel(const SiluAndMulParams p) {
+  pdl_wait();  // x comes from the previous kernel (launch.h)
+  pdl_launch_dependents();
   const int num_vecs = p.intermediate_size / 8;
   const int64_t total = (int64_t)p.num_tokens * num_vecs;
   for (int64_t i = (int64_t)blockIdx.x * kSiluThreads + threadIdx.x; i < total;
@@ -270,17 +277,15 @@ cudaError_t norm_by_vecs(const RmsNormParams& p, cudaStream_t stream) {
   const float inv_hidden = 1.f / (float)p.hidden_size;
   const dim3 grid(p.num_tokens);
   if (per_thread <= 1) {
-    rms_norm_kernel<T, 1><<<grid, threads, 0, stream>>>(p, inv_hidden);
+    return launch_kernel(rms_norm_kernel<T, 1>, grid, dim3(threads), 0, stream, p, inv_hidden);
   } else if (per_thread <= 2) {
-    rms_norm_kernel<T, 2><<<grid, threads, 0, stream>>>(p, inv_hidden);
+    return launch_kernel(rms_norm_kernel<T, 2>, grid, dim3(threads), 0, stream, p, inv_hidden);
   } else if (per_thread <= 4) {
-    rms_norm_kernel<T, 4><<<grid, threads, 0, stream>>>(p, inv_hidden);
+    return launch_kernel(rms_norm_kernel<T, 4>, grid, dim3(threads), 0, stream, p, inv_hidden);
   } else if (per_thread <= 8) {
-    rms_norm_kernel<T, 8><<<grid, threads, 0, stream>>>(p, inv_hidden);
-  } else {
-    return cudaErrorInvalidValue;
+    return launch_kernel(rms_norm_kernel<T, 8>, grid, dim3(threads), 0, stream, p, inv_hidden);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 template <typename T>
@@ -289,8 +294,8 @@ cudaError_t rotary_launch(const RotaryStoreKvParams& p, cudaStream_t stream) {
   const int64_t threads = (int64_t)p.num_tokens * (p.num_heads + 2 * p.num_kv_heads) * lanes;
   if (threads >= (1LL << 31)) return cudaErrorInvalidValue;
   const int64_t blocks = (threads + kRotaryThreads - 1) / kRotaryThreads;
-  rotary_store_kv_kernel<T><<<(unsigned)blocks, kRotaryThreads, 0, stream>>>(p, lanes);
-  return cudaGetLastError();
+  return launch_kernel(rotary_store_kv_kernel<T>, dim3((unsigned)blocks), dim3(kRotaryThreads), 0,
+                       stream, p, lanes);
 }
 
 template <typename T>
@@ -298,8 +303,7 @@ cudaError_t silu_launch(const SiluAndMulParams& p, cudaStream_t stream) {
   const int64_t total = (int64_t)p.num_tokens * (p.intermediate_size / 8);
   const int64_t blocks = (total + kSiluThreads - 1) / kSiluThreads;
   const int grid = (int)(blocks < (1 << 20) ? blocks : (1 << 20));  // grid-stride beyond that
-  silu_and_mul_kernel<T><<<grid, kSiluThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(silu_and_mul_kernel<T>, dim3(grid), dim3(kSiluThreads), 0, stream, p);
 }
 
 bool valid_dtype(int dtype) { return dtype == NANOPD_FP16 || dtype == NANOPD_BF16; }

@@ -22,6 +22,7 @@
 
 #include "device_utils.cuh"
 #include "gemv.h"
+#include "launch.h"
 
 namespace nanopd {
 namespace {
@@ -73,6 +74,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1) gemv_kernel(const GemvParams p
   for (int r = 0; r < R; ++r) {  // a column past the end re-reads the last one, unused
     w_rows[r] = static_cast<const T*>(p.w) + min(n0 + r, p.n_dim - 1) * p.w_stride_row;
   }
+  // the weights are the model's, written long before: their first round is fetched into the
+  // L2 while the kernel that writes x may still run (launch.h); x is read after the wait
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int k = lane * kPiece + u * kLaneStride;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (k < p.k_dim) prefetch_l2(w_rows[r] + k);
+    }
+  }
+  pdl_wait();
+  pdl_launch_dependents();
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -133,8 +146,8 @@ template <typename T, int M, int R>
 cudaError_t launch_cols(const GemvParams& p, cudaStream_t stream) {
   const int64_t warps = (p.n_dim + R - 1) / R;
   const int64_t blocks = (warps + kWarps - 1) / kWarps;
-  gemv_kernel<T, M, R><<<(unsigned)blocks, kWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(gemv_kernel<T, M, R>, dim3((unsigned)blocks), dim3(kWarps * 32), 0,
+                       stream, p);
 }
 
 // Columns per warp: 4 for wide layers at 1-2 rows (fewer, longer warps: a warp of 2 columns

@@ -1,4 +1,5 @@
 // Paged decode attention: instantiations and the launcher (kernels in paged_decode.cuh).
+#include "launch.h"
 #include "paged_decode.cuh"
 
 namespace nanopd {
@@ -21,8 +22,7 @@ cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     if (device < kMaxDevices) opted_in[device] = true;  // a race only repeats the call
   }
-  kernel<<<grid, kWarps * 32, smem_nbytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(kWarps * 32), smem_nbytes, stream, p);
 }
 
 template <typename T, int HEAD_DIM>

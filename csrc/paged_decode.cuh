@@ -185,6 +185,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   // where latency is all there is); otherwise reloaded below. A guessed index stays inside the
   // table's row stride, so it reads no memory outside the table; -1 marks one not read.
   const int32_t* table = p.block_tables + seq * p.block_tables_stride;
+  const int guess_first = split * p.min_chunk + warp * kTile;
+  int blk[kStages];
+#pragma unroll
+  for (int i = 0; i < kStages; ++i) {
+    const int idx = (guess_first + i * kStride) / p.block_size;
+    blk[i] = idx < p.block_tables_stride ? ld_nc_s32(table + idx) : -1;
+  }
+  // context lengths and block tables are the step's inputs, copied in before its first kernel;
+  // q and the KV cache come from the previous kernel: read (and anything written) only after
+  // the wait (programmatic dependent launch, launch.h)
+  pdl_wait();
+  pdl_launch_dependents();
   // Q fragments: query heads head0 + g (and head0 + g + 8); rows past the group are zero
   const T* q = static_cast<const T*>(p.q) + seq * p.q_stride_seq + head0 * p.q_stride_head;
   uint4 qf[RH][KC];
@@ -196,13 +208,6 @@ __global__ void __launch_bounds__(kWarps * 32)
       qf[r][c] = row < group ? ld_nc_v4(q + row * p.q_stride_head + 8 * t + 32 * c)
                              : make_uint4(0, 0, 0, 0);
     }
-  }
-  const int guess_first = split * p.min_chunk + warp * kTile;
-  int blk[kStages];
-#pragma unroll
-  for (int i = 0; i < kStages; ++i) {
-    const int idx = (guess_first + i * kStride) / p.block_size;
-    blk[i] = idx < p.block_tables_stride ? ld_nc_s32(table + idx) : -1;
   }
 
   T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + head0 * p.out_stride_head;

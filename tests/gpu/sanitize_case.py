@@ -5,7 +5,9 @@
 
 paged_decode runs both ways (one chunk per sequence; several chunks combined by the last
 block), bf16 and fp16, head dims 64 and 128, groups 6 and 12; then store_kv and copy_blocks,
-then the fused layer kernels (norms, rotary + q/k norm + KV store, SiLU-and-mul).
+then the fused layer kernels (norms, rotary + q/k norm + KV store, SiLU-and-mul), then the
+GEMV at 1, 3 and 8 rows (k not a multiple of its 256-element rounds; 2 and 4 columns per warp).
+Launched back to back, the kernels also run as dependent launches (csrc/launch.h) here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from services.worker.ops import cuda_ops, fused_ops  # noqa: E402
+from services.worker.ops import cuda_ops, fused_ops, gemv_ops  # noqa: E402
 
 
 def main() -> None:
@@ -55,6 +57,11 @@ def main() -> None:
                                   12, 2, 128, pool[1, 0], pool[1, 1],
                                   torch.tensor([3, -1, 50, 7, 600], device="cuda"),
                                   q_norm_weight=qk_norm, k_norm_weight=qk_norm, eps=1e-6)
+    for rows, n in ((1, 9000), (3, 1000), (8, 40)):
+        xg = torch.randn(rows, 1000, device="cuda", generator=g).bfloat16()
+        wg = torch.randn(n, 1000, device="cuda", generator=g).bfloat16()
+        gemv_ops.gemv(xg, wg, torch.randn(n, device="cuda", generator=g).bfloat16())
+        gemv_ops.gemv(xg, wg)
     torch.cuda.synchronize()
     print("sanitize_case: every kernel ran")
 

@@ -158,3 +158,36 @@ def test_copy_on_write_uses_the_kernel_and_copies_exactly(root, monkeypatch):
     assert calls, "forked sequences made no copy-on-write copy"
     for o, w in zip(outs, want, strict=True):
         assert [c.token_ids for c in o.outputs] == [w, w]
+
+
+PDL_SCRIPT = """
+import json, random, sys
+from services.worker.engine import LLM, SamplingParams
+from services.worker.models.random_model import tiny_test_model
+path = tiny_test_model("small-qwen3", sys.argv[1], None)
+rng = random.Random(7)
+ps = [[rng.randrange(500) for _ in range(n)] for n in (5, 40, 130, 1, 77)]
+llm = LLM(str(path), device="cuda:0", dtype="bfloat16", num_kv_blocks=512, max_num_seqs=8)
+params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+print(json.dumps([o.token_ids for o in llm.generate(ps, params)]))
+"""
+
+
+@needs_kernels
+def test_dependent_launches_give_the_same_tokens(root):
+    """The kernels launched with programmatic dependent launch (csrc/launch.h, the default on
+    sm_90) and without (NANOPD_PDL=0): CUDA graphs and eager steps give identical tokens (a
+    kernel that read its predecessor's output before its wait would not, now and then)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = {}
+    for pdl in ("1", "0"):
+        r = subprocess.run([sys.executable, "-c", PDL_SCRIPT, str(root)], capture_output=True,
+                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
+                           env={**os.environ, "NANOPD_PDL": pdl})
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[pdl] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["1"] == out["0"]
