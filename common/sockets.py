@@ -107,6 +107,7 @@ class Inbox:
         self.sock = ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
+        self.more = False  # the last drain stopped at its limit: more may be waiting
 
     def wait(self, timeout_ms: int) -> bool:
         """Whether something came within `timeout_ms` (0: only look)."""
@@ -117,9 +118,11 @@ class Inbox:
     def drain(self, limit: int = 10_000) -> list[Message]:
         """The messages of everything waiting now (up to `limit` batches), without blocking."""
         out: list[Message] = []
+        self.more = True
         for _ in range(limit):
             frames = recv_nowait(self.sock)
             if frames is None:
+                self.more = False
                 break
             try:
                 decoded = decode_batch(frames)

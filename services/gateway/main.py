@@ -1,11 +1,11 @@
 """The gateway: the only process clients talk to.
 
-One asyncio loop serves both frontends. It waits on two ZMQ sockets at once (the native
-clients' ROUTER and the gateway's inbox, where workers push Tokens and the router pushes
-Error/RequestDone), drains what is there, expires deadlines, refreshes the status file,
-flushes (one batch to the router, one per native client) and waits again; it never spins.
-The wait is on the sockets' ZMQ_FD descriptors with the loop's own `add_reader` (see
-`SocketWaiter`). The aiohttp server (services/gateway/http.py) runs its handlers as tasks
+One asyncio loop serves both frontends. Two ZMQ sockets feed it (the native clients'
+ROUTER and the gateway's inbox, where workers push Tokens and the router pushes
+Error/RequestDone); each has a callback on its ZMQ_FD descriptor (`SocketReaders`) that
+drains what is there and flushes (one batch to the router, one per native client), straight
+from the loop's wake-up; it never spins. A timer expires deadlines and refreshes the status
+file. The aiohttp server (services/gateway/http.py) runs its handlers as tasks
 on the same loop and calls `Gateway.submit` / `Gateway.cancel` directly; what they queue
 is flushed by a callback scheduled on the loop.
 """
@@ -37,10 +37,10 @@ from common.protocol import (
     Submit,
     Tokens,
 )
-from common.sockets import Inbox, Outbox
+from common.sockets import Inbox, Outbox, readable
 from services.gateway.intake import GatewayError, prepare
 from services.gateway.requests import Request, Sink
-from services.gateway.waiter import SocketWaiter
+from services.gateway.waiter import SocketReaders
 from services.gateway.zmq_frontend import ZmqFrontend
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,10 @@ class Gateway:
         self._main: asyncio.Task | None = None
         self._sockets: list[Any] = []  # closed at shutdown, in this order
         self._flush_scheduled = False
-        self._in_turn = False  # the loop's turn is running: it flushes at its end
+        self._in_turn = False  # a socket's callback is running: it flushes at its end
+        self._timer: asyncio.TimerHandle | None = None  # deadlines and the status file
+        self._timer_at = float("inf")  # when it fires (time.monotonic)
+        self._next_beat = 0.0
         self._open = False  # all sockets are open
 
     # ---- requests, from either frontend
@@ -116,6 +119,9 @@ class Gateway:
         self._flush_soon()
         self.requests[rid] = req
         heapq.heappush(self.deadlines, (req.deadline, rid))
+        if req.deadline < self._timer_at and self._timer is not None:
+            self._timer.cancel()
+            self._arm_timer()
         sink(Accepted(rid=rid, client_tag=submit.client_tag,
                       num_prompt_tokens=req.num_prompt_tokens))
         return req
@@ -145,7 +151,8 @@ class Gateway:
             if isinstance(msg, RouteRequest):
                 self.fail(msg.rid, "the router's queue is full; retry later", code=503,
                           tell_router=False)
-        self.clients.flush()
+        if self.clients.flush() and readable(self.clients.sock):
+            self._loop.call_soon(self._on_clients)  # the send took the socket's wake-up
 
     def _flush_soon(self) -> None:
         """Make sure a flush follows (the loop's own turn flushes too; HTTP handlers rely on
@@ -207,26 +214,55 @@ class Gateway:
                 self._main.cancel()
 
     async def _run(self) -> None:
-        waiter = SocketWaiter(self._loop, [self.clients.sock, self.recv_from_mesh.sock])
-        next_beat = 0.0
+        """The work is in the callbacks; this waits until `_stop` cancels it."""
+        if self.stopping:
+            return
+        readers = SocketReaders(self._loop)
+        readers.add(self.clients.sock, self._on_clients)
+        readers.add(self.recv_from_mesh.sock, self._on_mesh)
+        self._on_timer()
         try:
-            while not self.stopping:
-                now = time.monotonic()
-                if now >= next_beat:
-                    self._write_status()
-                    next_beat = now + self.cfg.heartbeat_s
-                self._expire(now)
-                wake = min(next_beat, self.deadlines[0][0]) if self.deadlines else next_beat
-                await waiter.wait(max(0.001, wake - time.monotonic()))
-                self._in_turn = True
-                try:
-                    self.clients.drain(MAX_DRAIN)
-                    self._drain_mesh()
-                finally:
-                    self._in_turn = False
-                self.flush()
+            await self._loop.create_future()
         finally:
-            waiter.close()
+            readers.close()
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _on_clients(self) -> None:
+        self._in_turn = True
+        try:
+            more = self.clients.drain(MAX_DRAIN)
+        finally:
+            self._in_turn = False
+        self.flush()
+        if more:  # stopped at MAX_DRAIN: go on after the loop's other callbacks
+            self._loop.call_soon(self._on_clients)
+
+    def _on_mesh(self) -> None:
+        self._in_turn = True
+        try:
+            self._drain_mesh()
+        finally:
+            self._in_turn = False
+        self.flush()
+        if self.recv_from_mesh.more:
+            self._loop.call_soon(self._on_mesh)
+
+    def _on_timer(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._write_status()
+            self._next_beat = now + self.cfg.heartbeat_s
+        self._expire(now)
+        self.flush()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Fire at the next heartbeat or deadline, whichever comes first."""
+        wake = min(self._next_beat, self.deadlines[0][0]) if self.deadlines else self._next_beat
+        delay_s = max(0.001, wake - time.monotonic())
+        self._timer_at = time.monotonic() + delay_s
+        self._timer = self._loop.call_later(delay_s, self._on_timer)
 
     def _write_status(self) -> None:
         write_status(self.cfg.run_path, "gateway", role="gateway", zmq=self.cfg.gateway_zmq,

@@ -29,12 +29,13 @@ class ZmqFrontend:
         self.sock = sock  # a bound ROUTER
         self.pending: dict[bytes, Batch] = {}  # identity -> queued replies
 
-    def drain(self, limit: int) -> None:
-        """Handle the client messages waiting now (up to `limit` batches)."""
+    def drain(self, limit: int) -> bool:
+        """Handle the client messages waiting now (up to `limit` batches); whether it
+        stopped at the limit (more may be waiting)."""
         for _ in range(limit):
             frames = recv_nowait(self.sock)
             if frames is None:
-                return
+                return False
             identity = frames[0]
             try:
                 decoded = decode_batch(frames[1:])
@@ -52,6 +53,7 @@ class ZmqFrontend:
                     self.send(identity, Error(code=400, message=(
                         f"the gateway's client socket takes Submit and Abort, "
                         f"not {type(msg).__name__}")))
+        return True
 
     def _on_submit(self, identity: bytes, msg: Submit) -> None:
         def sink(reply: Message) -> None:
@@ -79,7 +81,10 @@ class ZmqFrontend:
             batch = self.pending[identity] = Batch()
         batch.add(msg)
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Send every client's batch; whether there were any."""
+        if not self.pending:
+            return False
         pending, self.pending = self.pending, {}
         for identity, batch in pending.items():
             # A ROUTER never blocks: at the high-water mark, or for a gone client, it drops.
@@ -88,3 +93,4 @@ class ZmqFrontend:
                     send_frames(self.sock, [identity, *frames])
             except zmq.ZMQError as e:
                 log.warning("replies to a client were dropped: %s", e)
+        return True
