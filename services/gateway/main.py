@@ -142,8 +142,9 @@ class Gateway:
             self._flush_soon()
         req.sink(Error(rid=rid, message=message, code=code))
 
-    def flush(self) -> None:
-        """Send what was queued: to the router first, then every native client's batch."""
+    def flush(self, force: bool = False) -> None:
+        """Send what was queued: to the router first, then every native client's batch
+        (`force`: the held ones too, see ZmqFrontend)."""
         self._flush_scheduled = False
         if not self._open:
             return
@@ -151,7 +152,7 @@ class Gateway:
             if isinstance(msg, RouteRequest):
                 self.fail(msg.rid, "the router's queue is full; retry later", code=503,
                           tell_router=False)
-        if self.clients.flush() and readable(self.clients.sock):
+        if self.clients.flush(force) and readable(self.clients.sock):
             self._loop.call_soon(self._on_clients)  # the send took the socket's wake-up
 
     def _flush_soon(self) -> None:
@@ -324,7 +325,7 @@ class Gateway:
         if runner is not None:
             await asyncio.sleep(0.05)  # let HTTP handlers write the errors they just got
             await runner.cleanup()  # bounded by the runner's shutdown_timeout
-        self.flush()  # what the handlers queued meanwhile
+        self.flush(force=True)  # what the handlers queued meanwhile, and held replies
         self._open = False
         for sock in self._sockets:
             sock.close()  # the outbox lingers to deliver the AbortRequests
