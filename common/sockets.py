@@ -1,7 +1,7 @@
 """Typed ZeroMQ sockets: an inbox every service binds, outboxes that push to other inboxes.
 
 Outgoing messages are queued and leave at the end of the loop's turn (`flush`): everything
-queued for one peer goes as one multipart batch (common/protocol.py), so a busy service
+queued for one peer goes as one multipart batch (common/codec.py), so a busy service
 pays one send and one wake-up of the peer per turn instead of one per message.
 """
 
@@ -12,15 +12,15 @@ from collections import Counter
 
 import zmq
 
-from common.protocol import (
+from common.codec import (
     MAX_BATCH,
     MAX_PAYLOAD_BYTES,
-    Message,
     ProtocolError,
     batch_frames,
     decode_batch,
     pack,
 )
+from common.protocol import Message
 
 log = logging.getLogger(__name__)
 
