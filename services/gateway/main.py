@@ -15,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import heapq
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -39,6 +37,7 @@ from common.protocol import (
 )
 from common.sockets import Inbox, Outbox, readable
 from services.gateway.intake import GatewayError, prepare
+from services.gateway.model_info import model_dir_of, model_name_of, model_vocab_size
 from services.gateway.requests import Request, Sink
 from services.gateway.waiter import SocketReaders
 from services.gateway.zmq_frontend import ZmqFrontend
@@ -46,31 +45,6 @@ from services.gateway.zmq_frontend import ZmqFrontend
 log = logging.getLogger(__name__)
 
 MAX_DRAIN = 100  # batches per socket per wake, so HTTP handlers are never starved
-
-
-def model_dir_of(cfg: MeshConfig) -> Path:
-    """The folder whose tokenizer the gateway uses (the null model borrows the default's)."""
-    if cfg.model and cfg.model != "null":
-        return Path(cfg.model).expanduser()
-    from services.worker.models.default_model import default_model_path
-
-    return default_model_path()
-
-
-def model_name_of(cfg: MeshConfig, model_dir: Path) -> str:
-    if cfg.model:
-        return model_dir.resolve().name
-    from services.worker.models.default_model import DEFAULT_MODEL_NAME
-
-    return DEFAULT_MODEL_NAME
-
-
-def _model_vocab_size(model_dir: Path) -> int | None:
-    try:
-        size = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
-    except (OSError, ValueError):
-        return None
-    return size if isinstance(size, int) else None
 
 
 class Gateway:
@@ -83,7 +57,7 @@ class Gateway:
 
             tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.tokenizer = tokenizer
-        self.vocab_size = _model_vocab_size(self.model_dir) or len(tokenizer)
+        self.vocab_size = model_vocab_size(self.model_dir) or len(tokenizer)
         self.requests: dict[str, Request] = {}
         self.deadlines: list[tuple[float, str]] = []  # heap; entries of forgotten rids linger
         self.stopping = False
