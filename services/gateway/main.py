@@ -204,6 +204,8 @@ class Gateway:
                 self._timer.cancel()
 
     def _on_clients(self) -> None:
+        if not self._open:  # scheduled before shutdown closed the sockets
+            return
         self._in_turn = True
         try:
             more = self.clients.drain(MAX_DRAIN)
@@ -214,6 +216,8 @@ class Gateway:
             self._loop.call_soon(self._on_clients)
 
     def _on_mesh(self) -> None:
+        if not self._open:
+            return
         self._in_turn = True
         try:
             self._drain_mesh()
