@@ -1,7 +1,7 @@
 """Typed ZeroMQ sockets: an inbox every service binds, outboxes that push to other inboxes.
 
 Outgoing messages are queued and leave at the end of the loop's turn (`flush`): everything
-queued for one peer goes as one multipart batch (common/protocol.py), so a busy service
+queued for one peer goes as one multipart batch (common/codec.py), so a busy service
 pays one send and one wake-up of the peer per turn instead of one per message.
 """
 
@@ -12,21 +12,22 @@ from collections import Counter
 
 import zmq
 
-from common.protocol import (
+from common.codec import (
     MAX_BATCH,
     MAX_PAYLOAD_BYTES,
-    Message,
     ProtocolError,
     batch_frames,
     decode_batch,
     pack,
 )
+from common.protocol import Message
 
 log = logging.getLogger(__name__)
 
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flag arithmetic costs more than a send
 _NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _POLLIN, _POLLOUT, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 
 LINGER_MS = 1000  # a closing socket gets this long to flush (a final error, a dead notice)
 SNDHWM = 100_000  # multipart messages (batches) queued to one peer
@@ -107,19 +108,43 @@ class Inbox:
         self.sock = ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
+        self.more = False  # the last drain stopped at its limit: more may be waiting
+        self._first: list[bytes] | None = None  # what `wait` received, drained first
+        self._rcvtimeo_ms = -1
 
     def wait(self, timeout_ms: int) -> bool:
-        """Whether something came within `timeout_ms` (0: only look)."""
-        if readable(self.sock):
+        """Whether something came within `timeout_ms` (0: only look). It waits in a receive
+        with a timeout, and keeps what came for `drain`: one blocking call where a poll and
+        then a receive made libzmq look at its mailbox five times (a poll and a getpid
+        each)."""
+        if self._first is not None:
             return True
-        return timeout_ms > 0 and bool(zmq.zmq_poll([(self.sock, _POLLIN)], timeout_ms))
+        if timeout_ms <= 0:
+            return readable(self.sock)
+        if timeout_ms != self._rcvtimeo_ms:
+            self.sock.setsockopt(_RCVTIMEO, timeout_ms)
+            self._rcvtimeo_ms = timeout_ms
+        try:
+            frame = self.sock.recv(0, copy=False)
+            frames = [frame.bytes]
+            while frame.more:  # a multipart message arrives whole
+                frame = self.sock.recv(_NOBLOCK, copy=False)
+                frames.append(frame.bytes)
+        except zmq.Again:
+            return False
+        self._first = frames
+        return True
 
     def drain(self, limit: int = 10_000) -> list[Message]:
         """The messages of everything waiting now (up to `limit` batches), without blocking."""
         out: list[Message] = []
+        self.more = True
         for _ in range(limit):
-            frames = recv_nowait(self.sock)
+            frames, self._first = self._first, None
             if frames is None:
+                frames = recv_nowait(self.sock)
+            if frames is None:
+                self.more = False
                 break
             try:
                 decoded = decode_batch(frames)

@@ -1,11 +1,11 @@
 """The gateway: the only process clients talk to.
 
-One asyncio loop serves both frontends. It waits on two ZMQ sockets at once (the native
-clients' ROUTER and the gateway's inbox, where workers push Tokens and the router pushes
-Error/RequestDone), drains what is there, expires deadlines, refreshes the status file,
-flushes (one batch to the router, one per native client) and waits again; it never spins.
-The wait is on the sockets' ZMQ_FD descriptors with the loop's own `add_reader` (see
-`SocketWaiter`). The aiohttp server (services/gateway/http.py) runs its handlers as tasks
+One asyncio loop serves both frontends. Two ZMQ sockets feed it (the native clients'
+ROUTER and the gateway's inbox, where workers push Tokens and the router pushes
+Error/RequestDone); each has a callback on its ZMQ_FD descriptor (`SocketReaders`) that
+drains what is there and flushes (one batch to the router, one per native client), straight
+from the loop's wake-up; it never spins. A timer expires deadlines and refreshes the status
+file. The aiohttp server (services/gateway/http.py) runs its handlers as tasks
 on the same loop and calls `Gateway.submit` / `Gateway.cancel` directly; what they queue
 is flushed by a callback scheduled on the loop.
 """
@@ -15,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import heapq
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -37,40 +35,16 @@ from common.protocol import (
     Submit,
     Tokens,
 )
-from common.sockets import Inbox, Outbox
+from common.sockets import Inbox, Outbox, readable
 from services.gateway.intake import GatewayError, prepare
+from services.gateway.model_info import model_dir_of, model_name_of, model_vocab_size
 from services.gateway.requests import Request, Sink
-from services.gateway.waiter import SocketWaiter
+from services.gateway.waiter import SocketReaders
 from services.gateway.zmq_frontend import ZmqFrontend
 
 log = logging.getLogger(__name__)
 
 MAX_DRAIN = 100  # batches per socket per wake, so HTTP handlers are never starved
-
-
-def model_dir_of(cfg: MeshConfig) -> Path:
-    """The folder whose tokenizer the gateway uses (the null model borrows the default's)."""
-    if cfg.model and cfg.model != "null":
-        return Path(cfg.model).expanduser()
-    from services.worker.models.default_model import default_model_path
-
-    return default_model_path()
-
-
-def model_name_of(cfg: MeshConfig, model_dir: Path) -> str:
-    if cfg.model:
-        return model_dir.resolve().name
-    from services.worker.models.default_model import DEFAULT_MODEL_NAME
-
-    return DEFAULT_MODEL_NAME
-
-
-def _model_vocab_size(model_dir: Path) -> int | None:
-    try:
-        size = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
-    except (OSError, ValueError):
-        return None
-    return size if isinstance(size, int) else None
 
 
 class Gateway:
@@ -83,7 +57,7 @@ class Gateway:
 
             tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.tokenizer = tokenizer
-        self.vocab_size = _model_vocab_size(self.model_dir) or len(tokenizer)
+        self.vocab_size = model_vocab_size(self.model_dir) or len(tokenizer)
         self.requests: dict[str, Request] = {}
         self.deadlines: list[tuple[float, str]] = []  # heap; entries of forgotten rids linger
         self.stopping = False
@@ -93,7 +67,10 @@ class Gateway:
         self._main: asyncio.Task | None = None
         self._sockets: list[Any] = []  # closed at shutdown, in this order
         self._flush_scheduled = False
-        self._in_turn = False  # the loop's turn is running: it flushes at its end
+        self._in_turn = False  # a socket's callback is running: it flushes at its end
+        self._timer: asyncio.TimerHandle | None = None  # deadlines and the status file
+        self._timer_at = float("inf")  # when it fires (time.monotonic)
+        self._next_beat = 0.0
         self._open = False  # all sockets are open
 
     # ---- requests, from either frontend
@@ -116,6 +93,9 @@ class Gateway:
         self._flush_soon()
         self.requests[rid] = req
         heapq.heappush(self.deadlines, (req.deadline, rid))
+        if req.deadline < self._timer_at and self._timer is not None:
+            self._timer.cancel()
+            self._arm_timer()
         sink(Accepted(rid=rid, client_tag=submit.client_tag,
                       num_prompt_tokens=req.num_prompt_tokens))
         return req
@@ -136,8 +116,9 @@ class Gateway:
             self._flush_soon()
         req.sink(Error(rid=rid, message=message, code=code))
 
-    def flush(self) -> None:
-        """Send what was queued: to the router first, then every native client's batch."""
+    def flush(self, force: bool = False) -> None:
+        """Send what was queued: to the router first, then every native client's batch
+        (`force`: the held ones too, see ZmqFrontend)."""
         self._flush_scheduled = False
         if not self._open:
             return
@@ -145,7 +126,8 @@ class Gateway:
             if isinstance(msg, RouteRequest):
                 self.fail(msg.rid, "the router's queue is full; retry later", code=503,
                           tell_router=False)
-        self.clients.flush()
+        if self.clients.flush(force) and readable(self.clients.sock):
+            self._loop.call_soon(self._on_clients)  # the send took the socket's wake-up
 
     def _flush_soon(self) -> None:
         """Make sure a flush follows (the loop's own turn flushes too; HTTP handlers rely on
@@ -207,26 +189,59 @@ class Gateway:
                 self._main.cancel()
 
     async def _run(self) -> None:
-        waiter = SocketWaiter(self._loop, [self.clients.sock, self.recv_from_mesh.sock])
-        next_beat = 0.0
+        """The work is in the callbacks; this waits until `_stop` cancels it."""
+        if self.stopping:
+            return
+        readers = SocketReaders(self._loop)
+        readers.add(self.clients.sock, self._on_clients)
+        readers.add(self.recv_from_mesh.sock, self._on_mesh)
+        self._on_timer()
         try:
-            while not self.stopping:
-                now = time.monotonic()
-                if now >= next_beat:
-                    self._write_status()
-                    next_beat = now + self.cfg.heartbeat_s
-                self._expire(now)
-                wake = min(next_beat, self.deadlines[0][0]) if self.deadlines else next_beat
-                await waiter.wait(max(0.001, wake - time.monotonic()))
-                self._in_turn = True
-                try:
-                    self.clients.drain(MAX_DRAIN)
-                    self._drain_mesh()
-                finally:
-                    self._in_turn = False
-                self.flush()
+            await self._loop.create_future()
         finally:
-            waiter.close()
+            readers.close()
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _on_clients(self) -> None:
+        if not self._open:  # scheduled before shutdown closed the sockets
+            return
+        self._in_turn = True
+        try:
+            more = self.clients.drain(MAX_DRAIN)
+        finally:
+            self._in_turn = False
+        self.flush()
+        if more:  # stopped at MAX_DRAIN: go on after the loop's other callbacks
+            self._loop.call_soon(self._on_clients)
+
+    def _on_mesh(self) -> None:
+        if not self._open:
+            return
+        self._in_turn = True
+        try:
+            self._drain_mesh()
+        finally:
+            self._in_turn = False
+        self.flush()
+        if self.recv_from_mesh.more:
+            self._loop.call_soon(self._on_mesh)
+
+    def _on_timer(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._write_status()
+            self._next_beat = now + self.cfg.heartbeat_s
+        self._expire(now)
+        self.flush()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Fire at the next heartbeat or deadline, whichever comes first."""
+        wake = min(self._next_beat, self.deadlines[0][0]) if self.deadlines else self._next_beat
+        delay_s = max(0.001, wake - time.monotonic())
+        self._timer_at = time.monotonic() + delay_s
+        self._timer = self._loop.call_later(delay_s, self._on_timer)
 
     def _write_status(self) -> None:
         write_status(self.cfg.run_path, "gateway", role="gateway", zmq=self.cfg.gateway_zmq,
@@ -288,7 +303,7 @@ class Gateway:
         if runner is not None:
             await asyncio.sleep(0.05)  # let HTTP handlers write the errors they just got
             await runner.cleanup()  # bounded by the runner's shutdown_timeout
-        self.flush()  # what the handlers queued meanwhile
+        self.flush(force=True)  # what the handlers queued meanwhile, and held replies
         self._open = False
         for sock in self._sockets:
             sock.close()  # the outbox lingers to deliver the AbortRequests

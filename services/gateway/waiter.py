@@ -1,65 +1,40 @@
-"""Waiting on ZMQ sockets from an asyncio loop, through their ZMQ_FD descriptors.
+"""Reading ZMQ sockets from an asyncio loop: a callback per socket, on its ZMQ_FD descriptor.
 
 A ZMQ socket's `ZMQ_FD` becomes readable when the socket's state may have changed; it is
-edge-triggered: reading `ZMQ_EVENTS` (or a receive) consumes the signal. So the rule is
-"look, and wait only if nothing is there": `wait` reads `ZMQ_EVENTS` of every socket and
-only then waits for one of the descriptors (the loop's own `add_reader`) or the timeout.
-zmq.asyncio's Poller does the same with futures and callbacks per socket and per poll;
-this costs one future per wait. In a stand-in of the mesh's five hops with trivial handlers
-(this 2-core machine, shared, 2026-12-01) the round trip's p50 was 0.50-0.53 ms with this
-wait against 0.58-0.77 ms with zmq.asyncio's Poller.
+edge-triggered: reading `ZMQ_EVENTS` (or a receive, or a send) consumes the signal. So the
+rule is "look before you sleep": a callback must leave its socket with `ZMQ_EVENTS` read
+after the last operation on it (a drain ends with that look; a socket it also sends on
+needs one more after the send, `readable`). The loop's own `add_reader` calls it
+straight from the wake-up: no future, task switch or timer per wait.
+
+Before (a coroutine awaiting a future per wait, 2026-12-01, this 2-core machine, one request
+in flight): the wake-up to the gateway's turn took ~45 us more than the router's blocking
+`zmq_poll`, twice per request (bench/results/README.md, "Control-plane overhead").
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import zmq
 
-from common.sockets import readable
 
+class SocketReaders:
+    """Calls a socket's callback from `loop` whenever its `ZMQ_FD` fires; `close` stops."""
 
-class SocketWaiter:
-    def __init__(self, loop: asyncio.AbstractEventLoop, socks: list[zmq.Socket]):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.socks = socks
-        self.fds = [s.getsockopt(zmq.FD) for s in socks]
-        self._waiting: asyncio.Future | None = None
-        self.num_idle_wakes = 0  # woken with nothing to read
-        for fd in self.fds:
-            loop.add_reader(fd, self._wake)
+        self.fds: list[int] = []
 
-    def _wake(self) -> None:
-        if self._waiting is not None and not self._waiting.done():
-            self._waiting.set_result(None)
-
-    async def wait(self, timeout_s: float) -> None:
-        """Return once a socket has a message waiting, or after `timeout_s`. With something
-        already waiting it still yields to the loop once, so other tasks run between turns.
-        A descriptor also fires for socket events other than a message (ZMQ's own commands):
-        such a wake-up goes back to waiting here instead of costing the caller a turn."""
-        if self._any_readable():
-            await asyncio.sleep(0)
-            return
-        deadline = self.loop.time() + timeout_s
-        while True:
-            self._waiting = self.loop.create_future()
-            timer = self.loop.call_at(deadline, self._wake)
-            try:
-                await self._waiting
-            finally:
-                timer.cancel()
-                self._waiting = None
-            if self._any_readable() or self.loop.time() >= deadline:
-                return
-            self.num_idle_wakes += 1
-
-    def _any_readable(self) -> bool:
-        for sock in self.socks:
-            if readable(sock):
-                return True
-        return False
+    def add(self, sock: zmq.Socket, callback: Callable[[], None]) -> None:
+        """Watch `sock`; `callback` runs once now too (for what came before the watch)."""
+        fd = sock.getsockopt(zmq.FD)
+        self.fds.append(fd)
+        self.loop.add_reader(fd, callback)
+        self.loop.call_soon(callback)
 
     def close(self) -> None:
         for fd in self.fds:
             self.loop.remove_reader(fd)
+        self.fds.clear()

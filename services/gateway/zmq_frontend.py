@@ -4,16 +4,23 @@ A client (DEALER or REQ-less ROUTER peer) sends a batch of one or more `[header,
 pairs; the ROUTER prepends its identity. Replies (Accepted, TokenDelta, Error) are queued per
 identity and leave as one batch per client at the gateway's `flush`. A bad frame costs its
 sender one Error; the gateway goes on.
+
+A batch of nothing but `Accepted` waits up to `ACCEPT_HOLD_S` for the request's next reply
+(or any other reply to that client) and leaves with it: the client wakes once, and not while
+the router and the worker run on the same cores. Order and content are unchanged; only an
+Accepted can come up to that much later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import zmq
 
-from common.protocol import Abort, Error, Message, ProtocolError, Submit, decode_batch
+from common.protocol import Abort, Accepted, Error, Message, ProtocolError, Submit, decode_batch
 from common.sockets import Batch, recv_nowait, send_frames
 from services.gateway.intake import GatewayError
 
@@ -22,19 +29,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ACCEPT_HOLD_S = 0.002  # longest an Accepted-only batch waits for company (0: never)
+
 
 class ZmqFrontend:
     def __init__(self, gateway: Gateway, sock: zmq.Socket):
         self.gateway = gateway
         self.sock = sock  # a bound ROUTER
         self.pending: dict[bytes, Batch] = {}  # identity -> queued replies
+        self.held_until: dict[bytes, float] = {}  # identity -> when its Accepted-only batch goes
+        self.loop = asyncio.get_running_loop()
+        self._release: asyncio.TimerHandle | None = None  # flushes the held batches
 
-    def drain(self, limit: int) -> None:
-        """Handle the client messages waiting now (up to `limit` batches)."""
+    def drain(self, limit: int) -> bool:
+        """Handle the client messages waiting now (up to `limit` batches); whether it
+        stopped at the limit (more may be waiting)."""
         for _ in range(limit):
             frames = recv_nowait(self.sock)
             if frames is None:
-                return
+                return False
             identity = frames[0]
             try:
                 decoded = decode_batch(frames[1:])
@@ -52,6 +65,7 @@ class ZmqFrontend:
                     self.send(identity, Error(code=400, message=(
                         f"the gateway's client socket takes Submit and Abort, "
                         f"not {type(msg).__name__}")))
+        return True
 
     def _on_submit(self, identity: bytes, msg: Submit) -> None:
         def sink(reply: Message) -> None:
@@ -73,14 +87,39 @@ class ZmqFrontend:
             req.sink(delta)
 
     def send(self, identity: bytes, msg: Message) -> None:
-        """Queue `msg` for the client `identity`; it leaves at the next `flush`."""
+        """Queue `msg` for the client `identity`; it leaves at the next `flush` (an Accepted
+        alone: at the first flush after another reply to that client, or ACCEPT_HOLD_S)."""
         batch = self.pending.get(identity)
         if batch is None:
             batch = self.pending[identity] = Batch()
+            if type(msg) is Accepted and ACCEPT_HOLD_S > 0:
+                self.held_until[identity] = time.monotonic() + ACCEPT_HOLD_S
+        elif type(msg) is not Accepted and self.held_until:
+            self.held_until.pop(identity, None)
         batch.add(msg)
 
-    def flush(self) -> None:
+    def flush(self, force: bool = False) -> bool:
+        """Send every client's batch but the held ones not yet due (`force`: those too);
+        whether anything was sent."""
+        if not self.pending:
+            return False
         pending, self.pending = self.pending, {}
+        if self.held_until:
+            now = time.monotonic()
+            for identity, until in list(self.held_until.items()):
+                if force or until <= now:
+                    del self.held_until[identity]
+                else:
+                    self.pending[identity] = pending.pop(identity)
+        if self.held_until:
+            if self._release is None:
+                delay_s = min(self.held_until.values()) - time.monotonic()
+                self._release = self.loop.call_later(max(0.0, delay_s), self._on_release)
+        elif self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if not pending:
+            return False
         for identity, batch in pending.items():
             # A ROUTER never blocks: at the high-water mark, or for a gone client, it drops.
             try:
@@ -88,3 +127,8 @@ class ZmqFrontend:
                     send_frames(self.sock, [identity, *frames])
             except zmq.ZMQError as e:
                 log.warning("replies to a client were dropped: %s", e)
+        return True
+
+    def _on_release(self) -> None:
+        self._release = None
+        self.gateway.flush(force=True)

@@ -45,6 +45,7 @@ from common.protocol import (
     encode,
     encode_batch,
 )
+from services.gateway import zmq_frontend
 from services.gateway.main import Gateway
 
 REPLY_TEXT = " Hello, world! 😀 中文 ok"
@@ -309,6 +310,24 @@ def test_a_batch_from_a_client_is_served_message_by_message(mesh, client) -> Non
     finals = [recv(client), recv(client)]
     assert all(isinstance(d, TokenDelta) and d.text == REPLY_TEXT for d in finals)
     assert {d.rid for d in finals} == {first.rid, third.rid}
+
+
+def test_an_accepted_waits_for_the_first_reply_then_goes_alone(mesh, client,
+                                                                monkeypatch) -> None:
+    """An Accepted-only batch waits (up to ACCEPT_HOLD_S) and leaves with the next reply."""
+    monkeypatch.setattr(zmq_frontend, "ACCEPT_HOLD_S", 5.0)
+    client.send_multipart(encode(Submit(prompt="x", stream=False)))
+    assert client.poll(int(TIMEOUT_S * 1000))
+    batch = decode_batch(client.recv_multipart())  # the fake router answers at once
+    assert [type(m) for m in batch] == [Accepted, TokenDelta] and batch[1].text == REPLY_TEXT
+    monkeypatch.setattr(zmq_frontend, "ACCEPT_HOLD_S", 0.2)
+    start = time.monotonic()
+    client.send_multipart(encode(Submit(prompt="x", sampling={"seed": HOLD_SEED})))
+    assert client.poll(int(TIMEOUT_S * 1000))  # no reply comes: it goes alone when due
+    (acc,) = decode_batch(client.recv_multipart())
+    assert isinstance(acc, Accepted) and 0.15 < time.monotonic() - start < 2.0
+    client.send_multipart(encode(Abort(rid=acc.rid)))
+    assert collect(client)[0][-1].finish_reason == "abort"
 
 
 def test_abort_tells_the_router_and_late_tokens_are_dropped(mesh, client) -> None:

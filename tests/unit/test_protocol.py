@@ -162,3 +162,12 @@ def test_decode_takes_exactly_one_message():
 def test_a_message_dict_is_exactly_its_fields(cls):
     """`pack` sends `__dict__` as it is: an extra attribute would go on the wire."""
     assert list(vars(_example(cls))) == [f.name for f in dataclasses.fields(cls)]
+
+
+def test_the_codec_is_common_codec_and_protocol_re_exports_it():
+    from common import codec, protocol
+
+    for name in ("encode", "encode_batch", "decode", "decode_batch", "pack", "ProtocolError",
+                 "PROTOCOL_VERSION", "MAX_BATCH", "MAX_PAYLOAD_BYTES", "kind_name"):
+        assert getattr(protocol, name) is getattr(codec, name)
+    assert codec.registered() == ALL_MESSAGES and codec.kind_name(Submit.KIND) == "Submit"
