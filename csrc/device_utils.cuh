@@ -132,6 +132,26 @@ __device__ __forceinline__ float hi_float(uint32_t w) {
   }
 }
 
+// the 8 16-bit elements of u, exactly, as floats
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w = word(u, i);
+    f[2 * i] = lo_float<T>(w);
+    f[2 * i + 1] = hi_float<T>(w);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(v);
+  } else {
+    return __half2float(v);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T from_float(float x) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {

@@ -38,16 +38,6 @@ __device__ __forceinline__ float rnd(float x) {
 }
 
 template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t w = word(u, i);
-    f[2 * i] = lo_float<T>(w);
-    f[2 * i + 1] = hi_float<T>(w);
-  }
-}
-
-template <typename T>
 __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
   return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]),
                     pack2<T>(f[6], f[7]));

@@ -43,25 +43,6 @@ __device__ __forceinline__ uint4 load_streaming(const void* p) {
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ void to_floats(const uint4& u, float (&f)[8]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t w = word(u, i);
-    f[2 * i] = lo_float<T>(w);
-    f[2 * i + 1] = hi_float<T>(w);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float as_float(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat162float(v);
-  } else {
-    return __half2float(v);
-  }
-}
-
 template <typename T, int M, int R>
 __global__ void __launch_bounds__(kWarps * 32, 1) gemv_kernel(const GemvParams p) {
   constexpr int U = unroll<M>();
@@ -112,11 +93,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) gemv_kernel(const GemvParams p
     for (int u = 0; u < U; ++u) {
       float wf[R][8];
 #pragma unroll
-      for (int r = 0; r < R; ++r) to_floats<T>(wv[u][r], wf[r]);
+      for (int r = 0; r < R; ++r) unpack8<T>(wv[u][r], wf[r]);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         float xf[8];
-        to_floats<T>(xv[u][m], xf);
+        unpack8<T>(xv[u][m], xf);
 #pragma unroll
         for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -136,7 +117,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) gemv_kernel(const GemvParams p
       for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
       const int n = n0 + r;
       if (lane == (m * R + r) % 32 && n < p.n_dim) {
-        if (bias != nullptr) v += as_float(bias[n]);
+        if (bias != nullptr) v += to_float(bias[n]);
         out[m * p.out_stride_row + n] = from_float<T>(v);
       }
     }

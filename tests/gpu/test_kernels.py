@@ -156,10 +156,10 @@ def test_paged_decode_zero_context_gives_zeros():  # padding rows of a CUDA grap
     torch.testing.assert_close(out[[0, 2]].double(), ref, atol=1e-2, rtol=1e-2)
 
 
-def test_paged_decode_in_a_cuda_graph():
-    """Captured once; other context lengths and block tables written in place, then replayed:
-    the grid does not depend on any context length."""
-    cases = [[40, 700, 3000, 1], [2500, 1, 64, 4100]]
+def check_graph_replays(cases: list[list[int]], order: tuple[int, ...], **kw) -> None:
+    """paged_decode(**kw) captured once in a CUDA graph over static buffers; then, for each i
+    of `order`, the caches, tables and context lengths of cases[i] written in place and the
+    graph replayed: the output must be case i's attention."""
     made = [make_cache(c, NUM_KV_HEADS, 128, 16, torch.bfloat16, seed=i)
             for i, c in enumerate(cases)]
     num_blocks = max(k.shape[0] for k, _, _ in made)
@@ -167,9 +167,9 @@ def test_paged_decode_in_a_cuda_graph():
     k_cache = torch.zeros(num_blocks, *made[0][0].shape[1:], dtype=torch.bfloat16,
                           device="cuda")
     v_cache = torch.zeros_like(k_cache)
-    tables = torch.zeros(4, width, dtype=torch.int32, device="cuda")
-    lens = torch.zeros(4, dtype=torch.int32, device="cuda")
-    q = torch.randn(4, 12, 128, device="cuda").bfloat16()
+    tables = torch.zeros(len(cases[0]), width, dtype=torch.int32, device="cuda")
+    lens = torch.zeros(len(cases[0]), dtype=torch.int32, device="cuda")
+    q = torch.randn(len(cases[0]), 12, 128, device="cuda").bfloat16()
     out = torch.empty_like(q)
 
     def load(i: int) -> None:
@@ -180,17 +180,26 @@ def test_paged_decode_in_a_cuda_graph():
         tables[:, : t.shape[1]].copy_(t)
         lens.copy_(torch.tensor(cases[i], dtype=torch.int32))
 
+    def call() -> None:
+        cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.1, out=out, **kw)
+
     load(0)
-    cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.1, out=out)  # warm-up
+    call()  # warm-up
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.1, out=out)
-    for i in (1, 0, 1):
+        call()
+    for i in order:
         load(i)
         graph.replay()
         k, v, t = made[i]
         ref = reference(q, k, v, t, cases[i], 0.1)
         torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_paged_decode_in_a_cuda_graph():
+    """Captured once; other context lengths and block tables written in place, then replayed:
+    the grid does not depend on any context length."""
+    check_graph_replays([[40, 700, 3000, 1], [2500, 1, 64, 4100]], (1, 0, 1))
 
 
 def test_paged_decode_layer_views():

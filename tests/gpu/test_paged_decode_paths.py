@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from services.worker.ops import cuda_ops
-from tests.gpu.test_kernels import NUM_KV_HEADS, make_cache, reference, run_decode
+from tests.gpu.test_kernels import (
+    NUM_KV_HEADS,
+    check_graph_replays,
+    make_cache,
+    reference,
+    run_decode,
+)
 
 pytestmark = pytest.mark.skipif(cuda_ops.load() is None,
                                 reason="kernels not built (make kernels) or no CUDA")
@@ -81,38 +87,5 @@ def test_split_combine_from_an_unaligned_workspace():
 
 def test_guess_in_a_cuda_graph():
     """One capture; replays whose contexts make the guess right, wrong, or mixed."""
-    cases = [[512, 100, 1, 3], [513, 2000, 4097, 64], [40, 513, 512, 9000]]
-    made = [make_cache(c, NUM_KV_HEADS, 128, 16, torch.bfloat16, seed=i)
-            for i, c in enumerate(cases)]
-    k_cache = torch.zeros(max(k.shape[0] for k, _, _ in made), *made[0][0].shape[1:],
-                          dtype=torch.bfloat16, device="cuda")
-    v_cache = torch.zeros_like(k_cache)
-    tables = torch.zeros(4, max(t.shape[1] for _, _, t in made), dtype=torch.int32,
-                         device="cuda")
-    lens = torch.zeros(4, dtype=torch.int32, device="cuda")
-    q = torch.randn(4, 12, 128, device="cuda").bfloat16()
-    out = torch.empty_like(q)
-
-    def load(i: int) -> None:
-        k, v, t = made[i]
-        k_cache[: k.shape[0]].copy_(k)
-        v_cache[: v.shape[0]].copy_(v)
-        tables.zero_()
-        tables[:, : t.shape[1]].copy_(t)
-        lens.copy_(torch.tensor(cases[i], dtype=torch.int32))
-
-    def call() -> None:
-        cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, 0.1, out=out, num_splits=4,
-                              min_chunk=128)
-
-    load(0)
-    call()  # warm-up
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    for i in (1, 0, 2, 1):
-        load(i)
-        graph.replay()
-        k, v, t = made[i]
-        ref = reference(q, k, v, t, cases[i], 0.1)
-        torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
+    check_graph_replays([[512, 100, 1, 3], [513, 2000, 4097, 64], [40, 513, 512, 9000]],
+                        (1, 0, 2, 1), num_splits=4, min_chunk=128)
