@@ -39,7 +39,6 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a plain copy of the repo, no install
     sys.path.insert(0, str(ROOT))
 
+from bench.kv_references import bench_device_copy, bench_memcpy, bench_pinned, gbps  # noqa: E402
 from bench.kv_ring_parts import ring_parts  # noqa: E402
 from common.transport import make_transport  # noqa: E402
 
@@ -104,65 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.devices:
         p.error("--devices needs --device cuda")
     return args
-
-
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9
-
-
-def median_s(run: Callable[[], float], warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        run()
-    return statistics.median(run() for _ in range(reps))
-
-
-def cuda_copy_s(dst: torch.Tensor, src: torch.Tensor, device: int) -> float:
-    """One copy_, timed by events on the stream that runs it (the source device's)."""
-    with torch.cuda.device(device):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
-def bench_device_copy(args: argparse.Namespace) -> dict:
-    """cuda:P -> cuda:D in one process: P2P across two GPUs, or a copy within one."""
-    src_index, dst_index = torch.device(args.src_device).index, torch.device(args.dst_device).index
-    src = torch.empty(args.ref_nbytes, dtype=torch.uint8, device=args.src_device).random_()
-    dst = torch.empty_like(src, device=args.dst_device)
-    s = median_s(lambda: cuda_copy_s(dst, src, src_index), args.warmup, args.reps)
-    assert torch.equal(dst.cpu(), src.cpu())
-    kind = "p2p" if src_index != dst_index else "same_device_copy"
-    return {"kind": kind, "nbytes": args.ref_nbytes, "median_s": s,
-            "GBps": gbps(args.ref_nbytes, s)}
-
-
-def bench_pinned(args: argparse.Namespace) -> dict:
-    src_index, dst_index = torch.device(args.src_device).index, torch.device(args.dst_device).index
-    host = torch.empty(args.ref_nbytes, dtype=torch.uint8, pin_memory=True).random_()
-    dev = torch.empty(args.ref_nbytes, dtype=torch.uint8, device=args.src_device)
-    d2h = median_s(lambda: cuda_copy_s(host, dev, src_index), args.warmup, args.reps)
-    dev = torch.empty(args.ref_nbytes, dtype=torch.uint8, device=args.dst_device)
-    h2d = median_s(lambda: cuda_copy_s(dev, host, dst_index), args.warmup, args.reps)
-    return {"nbytes": args.ref_nbytes, "h2d_median_s": h2d, "h2d_GBps": gbps(args.ref_nbytes, h2d),
-            "d2h_median_s": d2h, "d2h_GBps": gbps(args.ref_nbytes, d2h)}
-
-
-def bench_memcpy(args: argparse.Namespace) -> dict:
-    """CPU: one copy_ of --ref-nbytes between two host tensors (wall clock)."""
-    src = torch.empty(args.ref_nbytes, dtype=torch.uint8).random_()
-    dst = torch.zeros_like(src)
-
-    def once() -> float:
-        start = time.perf_counter()
-        dst.copy_(src)
-        return time.perf_counter() - start
-
-    s = median_s(once, args.warmup, args.reps)
-    return {"nbytes": args.ref_nbytes, "median_s": s, "GBps": gbps(args.ref_nbytes, s),
-            "threads": torch.get_num_threads()}
 
 
 # one prefill and one decode process per transport
