@@ -31,6 +31,29 @@ typedef struct {
 
 cudaError_t nanopd_gemv(const GemvParams* p, cudaStream_t stream);
 
+// The GEMV with its x made first, in shared memory, by the kernel that a decode layer would
+// otherwise run before it (torch references in services/worker/ops/fused_reference.py):
+//   NANOPD_GEMV_ADD_NORM: x = fused_add_rms_norm(x, residual) of gemv.x [rows, k_dim] with
+//     norm_weight [k_dim] and eps (fused_kernels.h's roundings); with residual != NULL
+//     (strided [rows, k_dim]) the new residual round(x + residual) is also written to
+//     residual_out (strided [rows, k_dim], not aliasing x or residual); with residual NULL
+//     x itself is normalized (the first layer) and nothing else is written.
+//   NANOPD_GEMV_SWIGLU: x = silu_and_mul(gemv.x) of gemv.x [rows, 2 k_dim] (gate, then up).
+// rows * k_dim * element size at most NANOPD_GEMV_PROLOGUE_MAX_NBYTES (shared memory).
+enum { NANOPD_GEMV_ADD_NORM = 1, NANOPD_GEMV_SWIGLU = 2 };
+enum { NANOPD_GEMV_PROLOGUE_MAX_NBYTES = 160 * 1024 };
+typedef struct {
+  GemvParams gemv;
+  int mode;
+  const void* residual;      // ADD_NORM: NULL or [rows, k_dim]
+  void* residual_out;        // ADD_NORM with residual: [rows, k_dim]
+  const void* norm_weight;   // ADD_NORM: [k_dim], contiguous
+  int64_t residual_stride_row, residual_out_stride_row;
+  float eps;
+} GemvPrologueParams;
+
+cudaError_t nanopd_gemv_prologue(const GemvPrologueParams* p, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -6,7 +6,8 @@
 paged_decode runs both ways (one chunk per sequence; several chunks combined by the last
 block), bf16 and fp16, head dims 64 and 128, groups 6 and 12; then store_kv and copy_blocks,
 then the fused layer kernels (norms, rotary + q/k norm + KV store, SiLU-and-mul), then the
-GEMV at 1, 3 and 8 rows (k not a multiple of its 256-element rounds; 2 and 4 columns per warp).
+GEMV at 1, 3 and 8 rows (k not a multiple of its 256-element rounds; 2 and 4 columns per warp),
+and with its add + RMSNorm or SwiGLU prologue.
 Launched back to back, the kernels also run as dependent launches (csrc/launch.h) here.
 """
 
@@ -62,6 +63,14 @@ def main() -> None:
         wg = torch.randn(n, 1000, device="cuda", generator=g).bfloat16()
         gemv_ops.gemv(xg, wg, torch.randn(n, device="cuda", generator=g).bfloat16())
         gemv_ops.gemv(xg, wg)
+    if hasattr(cuda_ops.load(), "gemv_prologue"):  # the GEMV with its x made inside it
+        for rows, n in ((1, 9000), (2, 40)):
+            xg = torch.randn(rows, 1000, device="cuda", generator=g).bfloat16()
+            wg = torch.randn(n, 1000, device="cuda", generator=g).bfloat16()
+            nw = torch.randn(1000, device="cuda", generator=g).bfloat16()
+            gemv_ops.add_norm_linear(xg, xg.clone(), nw, 1e-6, wg)
+            gemv_ops.add_norm_linear(xg, None, nw, 1e-6, wg)
+            gemv_ops.swiglu_linear(torch.cat([xg, xg], 1), wg)
     torch.cuda.synchronize()
     print("sanitize_case: every kernel ran")
 

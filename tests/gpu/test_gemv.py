@@ -151,3 +151,129 @@ def test_decode_step_logits_with_and_without_the_kernel(tmp_path, monkeypatch):
         # per projection, grown over the layers; logits agree within 2% of their range
         assert (ours - cublas).abs().max() <= 0.02 * cublas.abs().max()
         assert (ours.argmax(-1) == cublas.argmax(-1)).float().mean() >= 0.6
+
+
+# the GEMV with the layer's add + RMSNorm or SwiGLU made inside it (csrc/gemv_fused.cu)
+needs_prologue = pytest.mark.skipif(
+    not hasattr(cuda_ops.load(), "gemv_prologue"), reason="kernels built before gemv_fused.cu")
+
+
+@needs_prologue
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("n,k", [(2048, 1536), (17920, 1536), (40, 16384), (7, 64)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_norm_linear_matches_its_reference(rows, n, k, with_residual):
+    from services.worker.ops.fused_reference import (
+        fused_add_rms_norm_reference,
+        rms_norm_reference,
+    )
+
+    dtype, eps = torch.bfloat16, 1e-6
+    g = torch.Generator(device="cuda").manual_seed(rows + n + k)
+    x = torch.randn(rows, k, device="cuda", generator=g).to(dtype)
+    residual = torch.randn(rows, k, device="cuda", generator=g).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(dtype)
+    b = torch.randn(n, device="cuda", generator=g).to(dtype)
+    x0, r0 = x.clone(), residual.clone()
+    out, res_out = gemv_ops.add_norm_linear(x, residual if with_residual else None, norm_w,
+                                            eps, w, b)
+    if with_residual:
+        normed, ref_res = fused_add_rms_norm_reference(x0, r0, norm_w, eps)
+        assert torch.equal(res_out, ref_res)  # bitwise: round(x + residual)
+        assert res_out.data_ptr() not in (x.data_ptr(), residual.data_ptr())
+    else:
+        normed = rms_norm_reference(x0, norm_w, eps)
+        assert res_out is x
+    assert torch.equal(x, x0) and torch.equal(residual, r0)  # inputs untouched
+    # the normalized x may differ from the reference's by an ulp where the mean of squares,
+    # summed in another order, moves a rounding: allow that on top of check()'s bound
+    ref = normed.double() @ w.double().T + b.double()
+    scale = normed.double().abs() @ w.double().abs().T
+    err = (out.double() - ref).abs()
+    assert (err <= ref.abs() * ULP[dtype] + scale * 2.0**-8 + 1e-30).all()
+
+
+@needs_prologue
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("n,k", [(1536, 8960), (4096, 12288), (9, 72)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_swiglu_linear_matches_its_reference(rows, n, k, dtype):
+    from services.worker.ops.fused_reference import silu_and_mul_reference
+
+    g = torch.Generator(device="cuda").manual_seed(rows * 3 + n + k)
+    gate_up = torch.randn(rows, 2 * k, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(dtype)
+    out = gemv_ops.swiglu_linear(gate_up, w)
+    check(out, silu_and_mul_reference(gate_up), w, None)  # x exact: the GEMV's own bound
+
+
+@needs_prologue
+def test_fused_decode_layers_agree_with_the_unfused_ones(tmp_path, monkeypatch):
+    """NANOPD_GEMV_FUSE=1: a bf16 decode step of 1-2 sequences takes the fused GEMVs (eager
+    and inside CUDA graphs) and its logits agree with the unfused path's."""
+    import random
+
+    from services.worker.engine import LLM, SamplingParams
+    from services.worker.models.random_model import tiny_test_model
+
+    path = tiny_test_model("small-qwen3", tmp_path, None)
+    calls = []
+    real = gemv_ops.add_norm_linear
+    monkeypatch.setattr(gemv_ops, "add_norm_linear",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("NANOPD_GEMV_FUSE", "1")
+    llm = LLM(str(path), device="cuda:0", dtype="bfloat16", num_kv_blocks=256)
+    assert llm.engine.runner.graphs is not None and calls  # captured with the fused path
+    out = llm.generate([[1, 2, 3], [4, 5, 6, 7]],
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [8, 8]
+    runner = llm.engine.runner
+    runner.graphs = None  # eager from here
+    runner.kv_pool.normal_()
+    rng = random.Random(6)
+    for n in (1, 2):
+        free = rng.sample(range(256), 256)
+        batch = [([rng.randrange(500)], c - 1, c, [free.pop() for _ in range(-(-c // 16))])
+                 for c in (rng.randint(1, 200) for _ in range(n))]
+        calls.clear()
+        fused = runner.run(batch, list(range(n))).float().clone()
+        assert calls
+        monkeypatch.setenv("NANOPD_GEMV_FUSE", "0")
+        plain = runner.run(batch, list(range(n))).float()
+        monkeypatch.setenv("NANOPD_GEMV_FUSE", "1")
+        assert (fused - plain).abs().max() <= 0.02 * plain.abs().max()
+        assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.5
+
+
+BAD_PROLOGUE_CALLS = """
+import torch
+from services.worker.ops import cuda_ops
+ops = cuda_ops._ops()
+bf = {"dtype": torch.bfloat16, "device": "cuda"}
+none = torch.empty(0, device="cuda")
+x, w, out, nw = (torch.zeros(2, 64, **bf), torch.zeros(32, 64, **bf), torch.zeros(2, 32, **bf),
+                 torch.zeros(64, **bf))
+errors = [
+    ops.gemv_prologue(out, x, w, none, none, none, nw, 1e-6, 3),           # mode
+    ops.gemv_prologue(out, torch.zeros(3, 64, **bf), w, none, none, none, nw, 1e-6, 1),  # rows
+    ops.gemv_prologue(out, x, w, none, x.clone(), none, nw, 1e-6, 1),      # no residual_out
+    ops.gemv_prologue(out, x, w, none, x.clone(), x, nw, 1e-6, 1),         # aliasing x
+    ops.gemv_prologue(out, x, w, none, none, none, nw, 1e-6, 2),           # swiglu: x not 2k
+    ops.gemv_prologue(out, x, w, none, none, none, nw[:32], 1e-6, 1),      # norm weight
+]
+assert all(errors), errors
+print("|".join(errors))
+"""
+
+
+@needs_prologue
+def test_gemv_prologue_binding_returns_errors_instead_of_crashing():
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", BAD_PROLOGUE_CALLS],
+                       capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    errors = r.stdout.strip().split("|")
+    assert "mode must be" in errors[0] and "1 to 2 rows" in errors[1]
+    assert "both residual and residual_out" in errors[2] and "of its own" in errors[3]
+    assert "expected [n, 32]" in errors[4] and "norm_weight must be" in errors[5]

@@ -15,7 +15,7 @@ from torch import nn
 from services.worker.models.config import ModelConfig
 from services.worker.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from services.worker.ops import attention as attn_ops
-from services.worker.ops import fused_ops
+from services.worker.ops import fused_ops, gemv_ops
 from services.worker.ops.attn_metadata import AttnMetadata
 from services.worker.ops.fused_reference import split_qkv
 from services.worker.ops.gemv_ops import Linear
@@ -41,9 +41,12 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata
+        self, positions: torch.Tensor, x: torch.Tensor | None, meta: AttnMetadata,
+        qkv: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        """Attention of x (normed hidden states), or from `qkv`, its projection, when given."""
+        if qkv is None:
+            qkv = self.qkv_proj(x)
         if fused_ops.enabled(qkv) and fused_ops.rotary_supported(qkv, self.head_dim):
             # one kernel: q/k norm, rotary in place in qkv, k and v into their slots
             norms = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
@@ -89,6 +92,9 @@ class DecoderLayer(nn.Module):
         """(h, residual) in, (h, residual) out, where the layer's input is h + residual
         (residual None: the first layer, whose input is h). The sums are today's
         `h + attn(norm(h))` and `h + mlp(norm(h))` with the same roundings."""
+        qkv = self.self_attn.qkv_proj
+        if gemv_ops.fuse_enabled(h, qkv.weight, qkv.bias, h.shape[1]):
+            return self.forward_fused(positions, h, residual, meta)
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
@@ -96,6 +102,27 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(positions, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def forward_fused(
+        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+        meta: AttnMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for a decode step of 1-2 sequences with NANOPD_GEMV_FUSE=1: each norm is
+        made inside the GEMV after it, and SwiGLU inside down_proj's (ops/gemv_ops.py)."""
+        norm, qkv = self.input_layernorm, self.self_attn.qkv_proj
+        qkv_out, residual = gemv_ops.add_norm_linear(h, residual, norm.weight, norm.eps,
+                                                     qkv.weight, qkv.bias)
+        h = self.self_attn(positions, None, meta, qkv=qkv_out)
+        norm = self.post_attention_layernorm
+        gate_up, down = self.mlp.gate_up_proj, self.mlp.down_proj
+        if not gemv_ops.fuse_enabled(h, gate_up.weight, gate_up.bias, h.shape[1]):
+            h, residual = norm(h, residual)
+            return self.mlp(h), residual
+        g, residual = gemv_ops.add_norm_linear(h, residual, norm.weight, norm.eps,
+                                               gate_up.weight, gate_up.bias)
+        if gemv_ops.fuse_enabled(g, down.weight, down.bias, g.shape[1] // 2):
+            return gemv_ops.swiglu_linear(g, down.weight, down.bias), residual
+        return down(self.mlp.act(g)), residual
 
 
 class Backbone(nn.Module):

@@ -1,5 +1,9 @@
 """Linear layers of decode-sized batches through csrc's GEMV (csrc/gemv.cu), when built.
 
+Also, behind `NANOPD_GEMV_FUSE=1` (off by default: not yet run on a GPU), the GEMV with the
+layer's add + RMSNorm or SwiGLU made inside it (csrc/gemv_fused.cu): `add_norm_linear`,
+`swiglu_linear`, with the fused_reference functions then F.linear as their references.
+
 A decode step of 1-8 sequences multiplies that many rows by every weight: the step streams
 the weights, and cuBLAS left much of the bandwidth unused on small layers there
 (docs/kernels.md, "Linear layers"). `linear` is a drop-in `F.linear` that takes the kernel
@@ -64,6 +68,53 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if out is None:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     cuda_ops._raise_on(cuda_ops._ops().gemv(out, x, weight, _EMPTY if bias is None else bias))
+    return out
+
+
+PROLOGUE_ADD_NORM, PROLOGUE_SWIGLU = 1, 2  # NANOPD_GEMV_ADD_NORM, NANOPD_GEMV_SWIGLU
+PROLOGUE_MAX_NBYTES = 160 * 1024  # NANOPD_GEMV_PROLOGUE_MAX_NBYTES: rows x k of x
+
+
+def fuse_enabled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 k: int) -> bool:
+    """Whether the layer may take `add_norm_linear` / `swiglu_linear` for x: NANOPD_GEMV_FUSE
+    is "1", 1-2 rows (LINEAR_MAX_ROWS), a row of k elements fits the kernel's shared memory,
+    and `gemv` takes the shapes otherwise."""
+    return (os.environ.get("NANOPD_GEMV_FUSE", "0") == "1" and x.dim() == 2
+            and x.shape[0] <= LINEAR_MAX_ROWS and weight.shape[1] == k
+            and x.shape[0] * k * x.element_size() <= PROLOGUE_MAX_NBYTES
+            and supported(x[:, :k], weight, bias)
+            and hasattr(cuda_ops.load(), "gemv_prologue"))
+
+
+def add_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                    eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(F.linear(RMSNorm(x + residual)), x + residual)` in one kernel, for 1-2 rows; with
+    residual None, `(F.linear(RMSNorm(x)), x)`. x and residual are not modified (the new
+    residual is a new tensor). Torch reference: `fused_add_rms_norm_reference` (or
+    `rms_norm_reference`) then F.linear; as those kernels, up to the order of the mean of
+    squares."""
+    rows, k = x.shape
+    out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
+    res_out = (_EMPTY if residual is None
+               else torch.empty(rows, k, dtype=x.dtype, device=x.device))
+    cuda_ops._raise_on(cuda_ops._ops().gemv_prologue(
+        out, x, weight, _EMPTY if bias is None else bias,
+        _EMPTY if residual is None else residual, res_out, norm_weight, float(eps),
+        PROLOGUE_ADD_NORM))
+    return out, (x if residual is None else res_out)
+
+
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(silu(gate) * up)` of gate_up `[rows, 2 k]` (gate, then up) in one kernel, for
+    1-2 rows. Torch reference: `silu_and_mul_reference` then F.linear."""
+    out = torch.empty(gate_up.shape[0], weight.shape[0], dtype=gate_up.dtype,
+                      device=gate_up.device)
+    cuda_ops._raise_on(cuda_ops._ops().gemv_prologue(
+        out, gate_up, weight, _EMPTY if bias is None else bias, _EMPTY, _EMPTY, _EMPTY, 0.0,
+        PROLOGUE_SWIGLU))
     return out
 
 

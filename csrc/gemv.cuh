@@ -1,0 +1,126 @@
+// GEMV for decode-sized batches, device code shared by gemv.cu (x read from global memory)
+// and gemv_fused.cu (x made in shared memory by a prologue: add + RMSNorm, or SwiGLU). The
+// layout and the reasons are in gemv.cu's header and docs/kernels.md ("Linear layers").
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "device_utils.cuh"
+#include "gemv.h"
+
+namespace nanopd {
+namespace gemv {
+
+constexpr int kWarps = 4;  // 128 threads: small layers still spread over every SM
+constexpr int kPiece = 8;  // elements per 16-byte load
+constexpr int kLaneStride = 32 * kPiece;  // elements between a lane's consecutive pieces
+
+template <int M>
+__host__ __device__ constexpr int unroll() {  // pieces per weight row in flight: fewer as x takes registers
+  return M == 1 ? 8 : (M <= 4 ? 4 : 2);
+}
+
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  uint4 v;
+  asm("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// The weight rows of this warp's R columns from n0 (a column past the end re-reads the last
+// one, unused)
+template <typename T, int R>
+__device__ __forceinline__ void weight_rows(const GemvParams& p, int n0, const T* (&w_rows)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    w_rows[r] = static_cast<const T*>(p.w) + min(n0 + r, p.n_dim - 1) * p.w_stride_row;
+  }
+}
+
+// The weights are the model's, written long before: their first round is fetched into the L2
+// while the kernel that writes x may still run (launch.h)
+template <typename T, int M, int R>
+__device__ __forceinline__ void prefetch_first_round(const GemvParams& p,
+                                                     const T* const (&w_rows)[R], int lane) {
+  constexpr int U = unroll<M>();
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int k = lane * kPiece + u * kLaneStride;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (k < p.k_dim) prefetch_l2(w_rows[r] + k);
+    }
+  }
+}
+
+// acc[m][r] = this lane's part of x[m] . w[n0 + r]; x rows x_stride_row apart (global or
+// shared memory)
+template <typename T, int M, int R>
+__device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64_t x_stride_row,
+                                          const T* const (&w_rows)[R], int lane,
+                                          float (&acc)[M][R]) {
+  constexpr int U = unroll<M>();
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+
+  for (int k0 = lane * kPiece; k0 < p.k_dim; k0 += U * kLaneStride) {
+    uint4 wv[U][R], xv[U][M];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // every load of this round first, then the arithmetic
+      const int k = k0 + u * kLaneStride;
+      const bool valid = k < p.k_dim;  // loads past k_dim are not made: zeros instead
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        wv[u][r] = valid ? load_streaming(w_rows[r] + k) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        xv[u][m] = valid ? *reinterpret_cast<const uint4*>(x + m * x_stride_row + k)
+                         : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float wf[R][8];
+#pragma unroll
+      for (int r = 0; r < R; ++r) unpack8<T>(wv[u][r], wf[r]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float xf[8];
+        unpack8<T>(xv[u][m], xf);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[m][r] = fmaf(xf[e], wf[r][e], acc[m][r]);
+      }
+    }
+  }
+}
+
+// The warp's sums reduced, the bias added in fp32, one rounding, stored
+template <typename T, int M, int R>
+__device__ __forceinline__ void store_columns(const GemvParams& p, float (&acc)[M][R], int n0,
+                                              int lane) {
+  T* out = static_cast<T*>(p.out);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float v = acc[m][r];
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+      const int n = n0 + r;
+      if (lane == (m * R + r) % 32 && n < p.n_dim) {
+        if (bias != nullptr) v += to_float(bias[n]);
+        out[m * p.out_stride_row + n] = from_float<T>(v);
+      }
+    }
+}
+
+}  // namespace gemv
+}  // namespace nanopd
