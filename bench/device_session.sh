@@ -13,7 +13,8 @@
 #   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
 #   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi)
 #   kv         bench/kv_transfer.py (two GPUs: cuda:0 -> cuda:1; one: both processes on cuda:0)
-#   mesh       bench/mesh_gpu.py: the whole mesh as processes on the GPU(s) (carry .whl, .tok)
+#   mesh       bench/mesh_gpu.py: the whole mesh as processes on the GPU(s) (carry .whl, .tok:
+#              bench/carry.sh makes them)
 #   offline    bench/offline_throughput.py with the HF baseline
 #   quick      bench/offline_throughput.py without it
 # The device returns at most 8 files: logs and JSON are collected in $OUT/session.tar.gz
