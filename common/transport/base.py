@@ -177,8 +177,8 @@ class KvTransport(ABC):
     def check_block_ids(self, block_ids: list[int], what: str, num_blocks: int | None = None,
                         unique: bool = False) -> None:
         limit = self.num_blocks if num_blocks is None else num_blocks
-        # every type exactly int (no bools, no floats), then min/max: loops in C, 27 -> 20 us
-        # for 512 ids here against one Python test per id (a transfer of an 8k-token prompt names 512 blocks)
+        # every type exactly int (no bools, no floats), then min/max: loops in C (512 ids, the
+        # blocks of an 8k-token prompt: 20 us here, 27 with one Python test per id)
         if block_ids and (set(map(type, block_ids)) != {int}
                           or min(block_ids) < 0 or max(block_ids) >= limit):
             bad = next(b for b in block_ids if type(b) is not int or not 0 <= b < limit)
