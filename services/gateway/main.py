@@ -261,15 +261,22 @@ class Gateway:
     # ---- workers and the router
     def _drain_mesh(self) -> None:
         for msg in self.recv_from_mesh.drain(MAX_DRAIN):
-            if isinstance(msg, Tokens):
-                self._on_tokens(msg)
-            elif isinstance(msg, Error):
-                self.fail(msg.rid, msg.message, msg.code, tell_router=False)
-            elif isinstance(msg, RequestDone):
-                self._on_done(msg)
-            else:
-                log.warning("the gateway inbox got a %s; it takes Tokens, Error, RequestDone",
-                            type(msg).__name__)
+            try:
+                if isinstance(msg, Tokens):
+                    self._on_tokens(msg)
+                elif isinstance(msg, Error):
+                    self.fail(msg.rid, msg.message, msg.code, tell_router=False)
+                elif isinstance(msg, RequestDone):
+                    self._on_done(msg)
+                else:
+                    log.warning("the gateway inbox got a %s; it takes Tokens, Error, "
+                                "RequestDone", type(msg).__name__)
+            except Exception as e:  # a bug: fail that request, not the gateway's loop
+                log.exception("handling a %s from the mesh failed", type(msg).__name__)
+                rid = getattr(msg, "rid", "")
+                if rid in self.requests:
+                    self.fail(rid, f"internal error in the gateway: {type(e).__name__}: {e}",
+                              500)
 
     def _on_tokens(self, msg: Tokens) -> None:
         req = self.requests.get(msg.rid)

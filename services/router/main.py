@@ -96,6 +96,20 @@ class Router:
                 self.send_worker(name, AbortRequest(rid=t.req.rid))
 
     # ---- messages
+    def handle_guarded(self, msg: Message) -> None:
+        """`handle`, where an unexpected exception (a bug) fails that message's request with
+        a 500 (the gateway is told even of a request not tracked yet) and the loop goes on."""
+        try:
+            self.handle(msg)
+        except Exception as e:
+            log.exception("handling a %s failed", type(msg).__name__)
+            rid, why = getattr(msg, "rid", ""), f"{type(e).__name__}: {e}"
+            if rid in self.requests:
+                self.fail(rid, f"internal error in the router: {why}", 500)
+            elif isinstance(msg, RouteRequest):
+                self.out.send(self.gateway_address, Error(
+                    rid=rid, code=500, message=f"internal error in the router: {why}"))
+
     def handle(self, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
             self._live = None
@@ -210,7 +224,7 @@ class Router:
             self.inbox.wait(int(self.cfg.heartbeat_s * 1000))
             self._live = None
             for msg in self.inbox.drain():
-                self.handle(msg)
+                self.handle_guarded(msg)
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.cfg.heartbeat_s
                 self.check_timeouts()

@@ -114,6 +114,11 @@ class Worker:
                 log.warning("unexpected %s on a worker inbox; dropped", type(msg).__name__)
         except (RequestError, SamplingParamsError, ValueError) as e:
             self.fail(getattr(msg, "rid", ""), str(e))
+        except Exception as e:  # a bug: that request fails, the worker goes on serving
+            log.exception("handling a %s failed", type(msg).__name__)
+            rid = getattr(msg, "rid", "")
+            if rid:
+                self.fail(rid, f"internal error in worker {self.name}: {type(e).__name__}: {e}")
 
     def on_run(self, msg: Run) -> None:
         params = SamplingParams.from_dict(msg.sampling)

@@ -295,6 +295,25 @@ def test_malformed_frames_get_errors_and_the_gateway_lives(mesh, client) -> None
     collect(client)
 
 
+def test_a_bug_in_handling_costs_that_request_a_500_not_the_gateway(mesh, client,
+                                                                     monkeypatch) -> None:
+    """An unexpected exception while handling a Submit is that request's Error 500 (with its
+    client tag); the gateway's socket callback goes on serving."""
+    gw = mesh[0]
+
+    def broken(*a: Any, **kw: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gw, "submit", broken)
+    client.send_multipart(encode(Submit(prompt="x", client_tag="t1")))
+    err = recv(client)
+    assert isinstance(err, Error) and err.code == 500 and err.client_tag == "t1", err
+    assert "RuntimeError: boom" in err.message
+    monkeypatch.undo()
+    submit(client, prompt="still serving")
+    collect(client)
+
+
 def test_a_batch_from_a_client_is_served_message_by_message(mesh, client) -> None:
     """A bad message in a batch costs only itself: the others are served, in order."""
     header, _ = encode_batch([Submit()] * 3)
