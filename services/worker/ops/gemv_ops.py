@@ -1,15 +1,15 @@
 """Linear layers of decode-sized batches through csrc's GEMV (csrc/gemv.cu), when built.
 
-Also, behind `NANOPD_GEMV_FUSE=1` (off by default: not yet run on a GPU), the GEMV with the
-layer's add + RMSNorm or SwiGLU made inside it (csrc/gemv_fused.cu): `add_norm_linear`,
-`swiglu_linear`, with the fused_reference functions then F.linear as their references.
-
 A decode step of 1-8 sequences multiplies that many rows by every weight: the step streams
 the weights, and cuBLAS left much of the bandwidth unused on small layers there
 (docs/kernels.md, "Linear layers"). `linear` is a drop-in `F.linear` that takes the kernel
 for CUDA fp16/bf16 inputs of 1 to LINEAR_MAX_ROWS rows when the extension is built, unless
 `NANOPD_GEMV=0`; F.linear (cuBLAS) otherwise, which is also its torch reference. Nothing
 here reads a device value or syncs: every call can be captured in a CUDA graph.
+
+Also, behind `NANOPD_GEMV_FUSE=1` (off by default: not yet run on a GPU), the GEMV with the
+layer's add + RMSNorm or SwiGLU made inside it (csrc/gemv_fused.cu): `add_norm_linear`,
+`swiglu_linear`, with the fused_reference functions then F.linear as their references.
 """
 
 from __future__ import annotations
