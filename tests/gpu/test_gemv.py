@@ -3,15 +3,12 @@ errors, and the model's linear layers taking it. Skipped without CUDA or `make k
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from services.worker.ops import cuda_ops, gemv_ops
+from tests.gpu.child import errors_of
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or cuda_ops.load() is None
@@ -112,11 +109,7 @@ print("|".join(errors))
 
 
 def test_gemv_binding_returns_errors_instead_of_crashing():
-    root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", BAD_CALLS],
-                       capture_output=True, text=True, cwd=root, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    errors = r.stdout.strip().split("|")
+    errors = errors_of(BAD_CALLS)
     assert "1 to 8 rows" in errors[0] and "expected [n, 64]" in errors[1]
     assert "float16 or bfloat16" in errors[2] and "bias must be contiguous [32]" in errors[3]
     assert "multiple of 8" in errors[4]
@@ -269,11 +262,7 @@ print("|".join(errors))
 
 @needs_prologue
 def test_gemv_prologue_binding_returns_errors_instead_of_crashing():
-    root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", BAD_PROLOGUE_CALLS],
-                       capture_output=True, text=True, cwd=root, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    errors = r.stdout.strip().split("|")
+    errors = errors_of(BAD_PROLOGUE_CALLS)
     assert "mode must be" in errors[0] and "1 to 2 rows" in errors[1]
     assert "both residual and residual_out" in errors[2] and "of its own" in errors[3]
     assert "expected [n, 32]" in errors[4] and "norm_weight must be" in errors[5]

@@ -262,15 +262,9 @@ print("|".join(errors), flush=True)
 def test_bindings_return_errors_instead_of_crashing():
     """Straight to the extension, past the Python checks: every bad call returns its error
     (a C++ exception once killed the process); run in a child so a crash fails this test."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.gpu.child import errors_of
 
-    root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", BAD_CALLS],
-                       capture_output=True, text=True, cwd=root, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    errors = r.stdout.strip().split("|")
+    errors = errors_of(BAD_CALLS)
     assert "head_dim 80" in errors[0] and "must be a CUDA tensor" in errors[1]
     assert "slot_mapping" in errors[2] and "src_ids and dst_ids" in errors[3]
 

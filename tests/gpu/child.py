@@ -1,0 +1,18 @@
+"""Run a script of bad calls straight to the extension in a child process: a crash (the
+bindings once died of C++ exceptions) fails the test instead of killing pytest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def errors_of(script: str) -> list[str]:
+    """The `|`-joined error strings the script prints last, after asserting it exited 0."""
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1].split("|")
