@@ -149,10 +149,9 @@ class CudaIpcTransport(KvTransport):
         self.check_block_ids(dst_block_ids, "dst_block_ids", unique=True)
         if not src_block_ids:
             return
-        runs = None if self.copy_blocks is not None else block_runs(src_block_ids, dst_block_ids)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            if runs is None:  # one launch on our GPU reads every block out of the peer's pool
+            if self.copy_blocks is not None:  # one launch reads every block out of the peer's pool
                 # both id lists (checked above) as one pinned [2, n] array and one upload,
                 # passed as device tensors (not re-checked): for 512 blocks the conversion
                 # takes 17 us on this CPU where checking and converting the two lists one by
@@ -160,7 +159,7 @@ class CudaIpcTransport(KvTransport):
                 ids = torch.from_numpy(np.array([src_block_ids, dst_block_ids], dtype=np.int64))
                 ids = ids.pin_memory().to(self.device, non_blocking=True)
                 self.copy_blocks(peer_pool, self.kv_pool, ids[0], ids[1])
-            elif len(runs) <= MAX_DIRECT_RUNS:
+            elif len(runs := block_runs(src_block_ids, dst_block_ids)) <= MAX_DIRECT_RUNS:
                 # one strided peer-to-peer copy per run of consecutive blocks: torch runs it
                 # as a kernel that reads the peer's pool over NVLink, no staging
                 for s, d, n in runs:

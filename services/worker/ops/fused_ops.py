@@ -48,7 +48,7 @@ def enabled(x: torch.Tensor) -> bool:
             and _built())
 
 
-def _rows_ok(t: torch.Tensor) -> bool:
+def rows_ok(t: torch.Tensor) -> bool:
     """2-D, last dimension contiguous, rows 16-byte aligned: what the kernels' loads need."""
     nbytes = t.element_size()
     return (t.dim() == 2 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
@@ -56,15 +56,15 @@ def _rows_ok(t: torch.Tensor) -> bool:
 
 
 def norm_supported(x: torch.Tensor) -> bool:
-    return _rows_ok(x) and x.shape[1] % 8 == 0 and 0 < x.shape[1] <= MAX_NORM_HIDDEN
+    return rows_ok(x) and x.shape[1] % 8 == 0 and 0 < x.shape[1] <= MAX_NORM_HIDDEN
 
 
 def silu_supported(x: torch.Tensor) -> bool:
-    return _rows_ok(x) and x.shape[1] % 16 == 0 and x.shape[1] > 0
+    return rows_ok(x) and x.shape[1] % 16 == 0 and x.shape[1] > 0
 
 
 def rotary_supported(qkv: torch.Tensor, head_dim: int) -> bool:
-    return _rows_ok(qkv) and head_dim in ROTARY_HEAD_DIMS
+    return rows_ok(qkv) and head_dim in ROTARY_HEAD_DIMS
 
 
 def _check(ok: bool, message: str) -> None:

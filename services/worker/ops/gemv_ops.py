@@ -19,32 +19,25 @@ import os
 import torch
 import torch.nn.functional as F
 
-from services.worker.ops import cuda_ops
+from services.worker.ops import cuda_ops, fused_ops
 
 GEMV_MAX_ROWS = 8  # NANOPD_GEMV_MAX_ROWS in csrc/gemv.h
 # `linear` takes the kernel up to this many rows: where it beat cuBLAS on an H200
 # (bench/decode_profile.py, 2026-12-01: 1.1-2.2x on the 1.5B shape's projections at 1-2 rows,
 # 0.5-0.9x at 4-8, where its CUDA-core sums cost more than cuBLAS's tensor cores)
 LINEAR_MAX_ROWS = 2
-DTYPES = (torch.float16, torch.bfloat16)
 _EMPTY = torch.empty(0)  # "no bias" for the binding (never read)
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """2-D, last dimension contiguous, every row 16-byte aligned."""
-    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
-            and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `gemv` takes these: CUDA fp16/bf16, 1-8 rows, k a multiple of 8, aligned rows,
     one dtype and device, the extension built with the kernel, NANOPD_GEMV not "0"."""
-    return (x.is_cuda and x.dtype in DTYPES and x.dim() == 2
+    return (x.is_cuda and x.dtype in fused_ops.DTYPES and x.dim() == 2
             and 1 <= x.shape[0] <= GEMV_MAX_ROWS and x.shape[1] % 8 == 0
             and weight.dtype == x.dtype and weight.device == x.device
             and weight.dim() == 2 and weight.shape[1] == x.shape[1]
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-            and _aligned(x) and _aligned(weight)
+            and fused_ops.rows_ok(x) and fused_ops.rows_ok(weight)
             and os.environ.get("NANOPD_GEMV", "1") != "0" and _built())
 
 
