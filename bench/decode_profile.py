@@ -4,7 +4,11 @@ linear layer's GEMV alone against the copy bandwidth.
 For a batch x context of a real model shape (random weights):
 - the step's kernels, from torch.profiler over --reps eager steps and --reps CUDA-graph
   replays: time per step by kernel name and by kind (gemm, attention, our fused kernels, other),
-  their count, and the replay's GPU time against the sum of its kernels (the gaps);
+  their count, and the replay's GPU time against the sum of its kernels (the gaps). With
+  dependent launches (csrc/launch.h) a kernel's span includes its wait for the one before, so
+  each kernel is also charged only the time by which it moved the end of the step on
+  (`critical_us`: its end past every earlier kernel's end; `idle_us` where nothing ran);
+- the fused GEMVs (csrc/gemv_fused.cu) against the kernels they replace, alone, as below;
 - every distinct linear shape of a layer, at the step's row count, timed alone inside a CUDA
   graph of --gemv-calls back-to-back calls (launch gaps as in the step): us per call and GB/s of
   weight reads, as a fraction of a device copy's bandwidth measured in the same run.
@@ -58,18 +62,33 @@ def profile_kernels(fn, reps: int) -> dict:
             fn()
         torch.cuda.synchronize()
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    spans = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time_total > 0:
             by_name[ev.name][0] += ev.device_time_total / reps
             by_name[ev.name][1] += 1 / reps
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    critical: dict[str, float] = defaultdict(float)
+    idle, last_end = 0.0, None
+    for start, end, name in sorted(spans):
+        if last_end is not None:
+            idle += max(0.0, start - last_end) / reps
+        if last_end is None or end > last_end:
+            critical[name] += (end - max(start, last_end or start)) / reps
+            last_end = end
     names = sorted(by_name.items(), key=lambda kv: -kv[1][0])
     by_kind: dict[str, float] = defaultdict(float)
     for name, (us, _) in names:
         by_kind[kind_of(name)] += us
+    critical_by_kind: dict[str, float] = defaultdict(float)
+    for name, us in critical.items():
+        critical_by_kind[kind_of(name)] += us
     return {"kernel_us_per_step": sum(us for _, (us, _) in names),
             "launches_per_step": sum(n for _, (_, n) in names),
-            "by_kind_us": dict(by_kind),
-            "by_name": [{"name": n[:160], "us": us, "count": c, "kind": kind_of(n)}
+            "by_kind_us": dict(by_kind), "critical_by_kind_us": dict(critical_by_kind),
+            "idle_us": idle,
+            "by_name": [{"name": n[:160], "us": us, "count": c, "kind": kind_of(n),
+                         "critical_us": critical.get(n, 0.0)}
                         for n, (us, c) in names[:40]]}
 
 
@@ -125,6 +144,38 @@ def time_linears(shapes, rows_list: list[int], calls: int, gbps: float, dtype) -
     return out
 
 
+def time_fused(model: torch.nn.Module, rows_list: list[int], calls: int) -> list[dict]:
+    """Layer 0's fused GEMVs alone against the two kernels each replaces, in a CUDA graph of
+    `calls` back-to-back calls: gate_up_proj with SiLU-and-mul, qkv_proj with rotary + KV
+    store (models without q/k norm)."""
+    from services.worker.ops import fused_ops
+
+    if not hasattr(cuda_ops.load(), "gemv_silu_and_mul"):
+        return []
+    attn, up, out = model.model.layers[0].self_attn, model.model.layers[0].mlp.gate_up_proj, []
+    lin = attn.qkv_proj
+    for rows in rows_list:
+        x = torch.randn(rows, up.weight.shape[1], device="cuda", dtype=up.weight.dtype)
+        pos = torch.arange(rows, device="cuda")
+        heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        rot = (attn.rotary.cos, attn.rotary.sin, *heads, attn.k_cache, attn.v_cache, pos)
+        cases = [("gate_up_proj+silu",
+                  lambda x=x: fused_ops.silu_and_mul(gemv_ops.gemv(x, up.weight, up.bias)),
+                  lambda x=x: gemv_ops.linear_silu_and_mul(x, up.weight, up.bias))]
+        if not attn.qk_norm:
+            cases.append(("qkv_proj+rotary",
+                          lambda x=x, pos=pos, rot=rot: fused_ops.rotary_store_kv(
+                              gemv_ops.gemv(x, lin.weight, lin.bias), pos, *rot),
+                          lambda x=x, pos=pos, rot=rot: gemv_ops.linear_rotary_store_kv(
+                              x, lin.weight, lin.bias, pos, *rot)))
+        for name, unfused, fused in cases:
+            row = {"layer": name, "rows": rows, "unfused_us": graph_us_per_call(unfused, calls),
+                   "fused_us": graph_us_per_call(fused, calls)}
+            row["speedup"] = row["unfused_us"] / row["fused_us"]
+            out.append(row)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="qwen2.5-1.5b")
@@ -158,17 +209,22 @@ def main() -> None:
         runner.graphs = None
         result["eager"] = profile_kernels(lambda: runner.run(spec, rows), args.reps)
         runner.graphs = graphs
+        result["fused"] = time_fused(runner.model, [1, 2], args.gemv_calls)
         result["linears"] = time_linears(linear_shapes(runner.model),
                                          [int(r) for r in args.gemv_rows.split(",")],
                                          args.gemv_calls, gbps, torch.bfloat16)
     for mode in ("graph", "eager"):
         r = result[mode]
         print(f"{mode}: {r['kernel_us_per_step']:.1f} us of kernels, "
-              f"{r['launches_per_step']:.0f} launches; by kind {r['by_kind_us']}")
+              f"{r['launches_per_step']:.0f} launches; by kind {r['by_kind_us']}; on the "
+              f"critical path {r['critical_by_kind_us']}, idle {r['idle_us']:.1f} us")
         for row in r["by_name"][:15]:
-            print(f"  {row['us']:8.1f} us x{row['count']:5.0f}  {row['kind']:9s} "
-                  f"{row['name'][:90]}")
+            print(f"  {row['us']:8.1f} us (critical {row['critical_us']:7.1f}) "
+                  f"x{row['count']:5.0f}  {row['kind']:9s} {row['name'][:80]}")
     print(f"graph replay {result['graph_gpu_ms']:.3f} ms, floor {result['floor_ms']:.3f} ms")
+    for row in result["fused"]:
+        print(f"  fused {row['layer']:17s} rows {row['rows']}: unfused {row['unfused_us']:6.2f} "
+              f"us, fused {row['fused_us']:6.2f} us, x{row['speedup']:.2f}")
     for row in result["linears"]:
         ours = (f"ours {row['ours_us']:7.2f} us {row['ours_fraction_of_copy']:.2f}  "
                 f"x{row['ours_speedup']:.2f}" if "ours_us" in row else "")

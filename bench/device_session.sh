@@ -11,7 +11,8 @@
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
 #   stepprof   bench/decode_profile.py: one decode step's kernels by name and kind, GEMVs alone
 #   ab         decode steps at batch 1-2 with each opt-in path off and on, one process each
-#              (AB="NANOPD_GEMV_FUSE NANOPD_PDL": the variables to flip; default the fused GEMV)
+#              (AB="NANOPD_GEMV_FUSE NANOPD_PDL": the variables to flip, default the fused
+#              GEMV; AB_VALUES="0 1 norm": their values, default "0 1")
 #   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
 #   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi)
 #   kv         bench/kv_transfer.py (two GPUs: cuda:0 -> cuda:1; one: both processes on cuda:0)
@@ -96,7 +97,7 @@ for phase in "$@"; do
       step decode_profile 240 python3 bench/decode_profile.py --out "$WORK/decode_profile.json" ;;
     ab)
       for var in ${AB:-NANOPD_GEMV_FUSE}; do
-        for val in 0 1; do
+        for val in ${AB_VALUES:-0 1}; do
           step "ab_${var}_$val" 150 env "$var=$val" python3 bench/decode_step.py --skip-hf \
             --batches 1,2 --contexts 512,4096 --out "$WORK/ab_${var}_$val.json"
         done
