@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "binding_checks.h"
+#include "fused_bindings.h"
 #include "fused_kernels.h"
 
 namespace {
@@ -85,12 +86,18 @@ std::string fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Te
   return launch_norm(c, x, x, weight, &residual, eps);
 }
 
-std::string rotary_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
-                            const at::Tensor& sin, const at::Tensor& q_norm_weight,
-                            const at::Tensor& k_norm_weight, double eps, at::Tensor& k_cache,
-                            at::Tensor& v_cache, const at::Tensor& slot_mapping,
-                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
-  Checks c;
+}  // namespace
+
+namespace nanopd {
+
+// The checks of rotary_store_kv's tensors (also those of the GEMV with the rotation in its
+// epilogue, gemv_bindings.cpp); fills p. fused_bindings.h
+std::string check_rotary(Checks& c, RotaryStoreKvParams& p, at::Tensor& qkv,
+                         const at::Tensor& positions, const at::Tensor& cos,
+                         const at::Tensor& sin, const at::Tensor& q_norm_weight,
+                         const at::Tensor& k_norm_weight, double eps, at::Tensor& k_cache,
+                         at::Tensor& v_cache, const at::Tensor& slot_mapping, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t head_dim) {
   const at::Device device = qkv.device();
   for (auto [t, name] : {Named{&qkv, "qkv"}, {&positions, "positions"}, {&cos, "cos"},
                          {&sin, "sin"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
@@ -145,7 +152,6 @@ std::string rotary_store_kv(at::Tensor& qkv, const at::Tensor& positions, const 
     c.rows16(*t, name);
   }
   if (c.failed()) return c.error();
-  RotaryStoreKvParams p{};
   p.qkv = qkv.data_ptr();
   p.positions = positions.data_ptr<int64_t>();
   p.cos = cos.data_ptr<float>(), p.sin = sin.data_ptr<float>();
@@ -164,6 +170,26 @@ std::string rotary_store_kv(at::Tensor& qkv, const at::Tensor& positions, const 
   p.block_size = (int)k_cache.size(1);
   p.eps = (float)eps;
   p.dtype = dtype_code(qkv);
+  return c.error();
+}
+
+}  // namespace nanopd
+
+namespace {
+
+std::string rotary_store_kv(at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& q_norm_weight,
+                            const at::Tensor& k_norm_weight, double eps, at::Tensor& k_cache,
+                            at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  Checks c;
+  RotaryStoreKvParams p{};
+  if (!nanopd::check_rotary(c, p, qkv, positions, cos, sin, q_norm_weight, k_norm_weight, eps,
+                            k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+           .empty()) {
+    return c.error();
+  }
+  const at::Device device = qkv.device();
   const c10::cuda::CUDAGuard guard(device);
   c.launch(nanopd_rotary_store_kv(&p, at::cuda::getCurrentCUDAStream()), "rotary_store_kv");
   return c.error();

@@ -87,12 +87,15 @@ __device__ __forceinline__ void scale_by_weight(float (&x)[8], float inv, const 
 // gate = round(round(silu(gate)) * up), torch's F.silu(gate) * up: x / (1 + exp(-x)) in
 // fp32 (expf, IEEE division)
 template <typename T>
+__device__ __forceinline__ float swiglu1(float gate, float up) {
+  const float silu = rnd<T>(gate / __fadd_rn(1.f, expf(-gate)));
+  return rnd<T>(__fmul_rn(silu, up));
+}
+
+template <typename T>
 __device__ __forceinline__ void swiglu8(float (&gate)[8], const float (&up)[8]) {
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const float silu = rnd<T>(gate[e] / __fadd_rn(1.f, expf(-gate[e])));
-    gate[e] = rnd<T>(__fmul_rn(silu, up[e]));
-  }
+  for (int e = 0; e < 8; ++e) gate[e] = swiglu1<T>(gate[e], up[e]);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// GEMV for decode-sized batches, device code shared by gemv.cu (x read from global memory)
-// and gemv_fused.cu (x made in shared memory by a prologue: add + RMSNorm, or SwiGLU). The
+// GEMV for decode-sized batches, device code shared by gemv.cu (the plain GEMV) and
+// gemv_fused.cu (with the next kernel in its epilogue, on pairs of columns). The
 // layout and the reasons are in gemv.cu's header and docs/kernels.md ("Linear layers").
 #pragma once
 
@@ -29,13 +29,24 @@ __device__ __forceinline__ uint4 load_streaming(const void* p) {
   return v;
 }
 
-// The weight rows of this warp's R columns from n0 (a column past the end re-reads the last
-// one, unused)
+// The weight row of each of this warp's R columns (a column past the end re-reads the last
+// one, unused). Plain (pair_stride 0): the R consecutive columns from c0. Paired (an epilogue
+// that combines two outputs: SwiGLU's gate and up, rotary's two halves of a head): R / 2
+// pairs from pair c0, pair i being columns a = (i / P) 2P + i % P and a + P for P =
+// pair_stride, the first R / 2 rows the a's, the others the b's.
 template <typename T, int R>
-__device__ __forceinline__ void weight_rows(const GemvParams& p, int n0, const T* (&w_rows)[R]) {
+__device__ __forceinline__ void weight_rows(const GemvParams& p, int c0, int pair_stride,
+                                            const T* (&w_rows)[R]) {
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    w_rows[r] = static_cast<const T*>(p.w) + min(n0 + r, p.n_dim - 1) * p.w_stride_row;
+    int n;
+    if (pair_stride > 0) {
+      const int i = min(c0 + r % (R / 2), p.n_dim / 2 - 1);
+      n = (i / pair_stride) * 2 * pair_stride + i % pair_stride + (r < R / 2 ? 0 : pair_stride);
+    } else {
+      n = min(c0 + r, p.n_dim - 1);
+    }
+    w_rows[r] = static_cast<const T*>(p.w) + n * p.w_stride_row;
   }
 }
 
@@ -55,8 +66,7 @@ __device__ __forceinline__ void prefetch_first_round(const GemvParams& p,
   }
 }
 
-// acc[m][r] = this lane's part of x[m] . w[n0 + r]; x rows x_stride_row apart (global or
-// shared memory)
+// acc[m][r] = this lane's part of x[m] . w_rows[r]; x rows x_stride_row apart
 template <typename T, int M, int R>
 __device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64_t x_stride_row,
                                           const T* const (&w_rows)[R], int lane,
@@ -101,21 +111,31 @@ __device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64
   }
 }
 
-// The warp's sums reduced, the bias added in fp32, one rounding, stored
+// The warp's sum for each (row, column), in every lane
+template <int M, int R>
+__device__ __forceinline__ void warp_sums(float (&acc)[M][R]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], o);
+}
+
+// The warp's sums (warp_sums) with the bias added in fp32, one rounding, stored: output
+// (m, r) by lane (m R + r) % 32
 template <typename T, int M, int R>
-__device__ __forceinline__ void store_columns(const GemvParams& p, float (&acc)[M][R], int n0,
-                                              int lane) {
+__device__ __forceinline__ void store_columns(const GemvParams& p, const float (&acc)[M][R],
+                                              int n0, int lane) {
   T* out = static_cast<T*>(p.out);
   const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      float v = acc[m][r];
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
       const int n = n0 + r;
       if (lane == (m * R + r) % 32 && n < p.n_dim) {
+        float v = acc[m][r];
         if (bias != nullptr) v += to_float(bias[n]);
         out[m * p.out_stride_row + n] = from_float<T>(v);
       }

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "fused_kernels.h"  // RotaryStoreKvParams
 #include "nanopd_kernels.h"  // NANOPD_FP16, NANOPD_BF16
 
 #ifdef __cplusplus
@@ -31,28 +32,23 @@ typedef struct {
 
 cudaError_t nanopd_gemv(const GemvParams* p, cudaStream_t stream);
 
-// The GEMV with its x made first, in shared memory, by the kernel that a decode layer would
-// otherwise run before it (torch references in services/worker/ops/fused_reference.py):
-//   NANOPD_GEMV_ADD_NORM: x = fused_add_rms_norm(x, residual) of gemv.x [rows, k_dim] with
-//     norm_weight [k_dim] and eps (fused_kernels.h's roundings); with residual != NULL
-//     (strided [rows, k_dim]) the new residual round(x + residual) is also written to
-//     residual_out (strided [rows, k_dim], not aliasing x or residual); with residual NULL
-//     x itself is normalized (the first layer) and nothing else is written.
-//   NANOPD_GEMV_SWIGLU: x = silu_and_mul(gemv.x) of gemv.x [rows, 2 k_dim] (gate, then up).
-// rows * k_dim * element size at most NANOPD_GEMV_PROLOGUE_MAX_NBYTES (shared memory).
-enum { NANOPD_GEMV_ADD_NORM = 1, NANOPD_GEMV_SWIGLU = 2 };
-enum { NANOPD_GEMV_PROLOGUE_MAX_NBYTES = 160 * 1024 };
+// The GEMV of a decode layer with the kernel after it folded into its epilogue
+// (csrc/gemv_fused.cu; torch references in services/worker/ops/fused_reference.py), for 1-2
+// rows, bitwise the GEMV then that kernel. Epilogues:
+//   NANOPD_GEMV_SWIGLU: w [n_dim = 2 I, k_dim] is [gate; up] and out is [rows, I] =
+//     silu_and_mul(linear(x)), fused_kernels.h's SiLU-and-mul of the GEMV's rounded outputs.
+//   NANOPD_GEMV_ROTARY: out is qkv [rows, n_dim], rotated (no q/k norm) with k and v written
+//     into the cache as nanopd_rotary_store_kv does with `rotary` (its qkv = out, num_tokens
+//     = rows).
+enum { NANOPD_GEMV_SWIGLU = 1, NANOPD_GEMV_ROTARY = 2 };
+enum { NANOPD_GEMV_FUSED_MAX_ROWS = 2 };
 typedef struct {
-  GemvParams gemv;
-  int mode;
-  const void* residual;      // ADD_NORM: NULL or [rows, k_dim]
-  void* residual_out;        // ADD_NORM with residual: [rows, k_dim]
-  const void* norm_weight;   // ADD_NORM: [k_dim], contiguous
-  int64_t residual_stride_row, residual_out_stride_row;
-  float eps;
-} GemvPrologueParams;
+  GemvParams gemv;             // n_dim even; with SWIGLU, out is [rows, n_dim / 2]
+  int epilogue;                // NANOPD_GEMV_SWIGLU or NANOPD_GEMV_ROTARY
+  RotaryStoreKvParams rotary;  // ROTARY: positions, tables, caches, slots, heads
+} GemvFusedParams;
 
-cudaError_t nanopd_gemv_prologue(const GemvPrologueParams* p, cudaStream_t stream);
+cudaError_t nanopd_gemv_fused(const GemvFusedParams* p, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "binding_checks.h"
+#include "fused_bindings.h"
 #include "gemv.h"
 
 namespace {
@@ -14,11 +15,10 @@ namespace {
 using nanopd::Checks;
 using Named = std::pair<const at::Tensor*, const char*>;
 
-// The checks of out [rows, n] = x [rows, x_k] w [n, k]^T + bias [n] (bias empty: none) with
-// x_k = k, or 2 k for SwiGLU's [gate | up]; fills p.
+// The checks of out [rows, n / out_div] from x [rows, k] w [n, k]^T + bias [n] (bias empty:
+// none), out_div 1 (a plain GEMV) or 2 (a SiLU-and-mul epilogue of [gate; up]); fills p.
 std::string check_gemv(Checks& c, GemvParams& p, at::Tensor& out, const at::Tensor& x,
-                       const at::Tensor& w, const at::Tensor& bias, int max_rows,
-                       int x_k_factor) {
+                       const at::Tensor& w, const at::Tensor& bias, int max_rows, int out_div) {
   const at::Device device = x.device();
   for (auto [t, name] : {Named{&x, "x"}, {&out, "out"}, {&w, "w"}}) {
     if (!c.on_device(*t, name, device)) return c.error();
@@ -37,10 +37,11 @@ std::string check_gemv(Checks& c, GemvParams& p, at::Tensor& out, const at::Tens
   const int64_t rows = x.size(0), k = w.size(1), n = w.size(0);
   c.require(rows >= 1 && rows <= max_rows, "gemv takes 1 to ", max_rows, " rows of x; got ",
             rows, " (use a GEMM)");
-  c.require(x.size(1) == x_k_factor * k, "w is ", w.sizes(), "; expected [n, ",
-            x.size(1) / x_k_factor, "] for x ", x.sizes());
-  c.require(out.size(0) == rows && out.size(1) == n, "out is ", out.sizes(), "; expected [",
-            rows, ", ", n, "]");
+  c.require(x.size(1) == k, "w is ", w.sizes(), "; expected [n, ", x.size(1), "] for x ",
+            x.sizes());
+  c.require(n % out_div == 0, "w's n (", n, ") must be even: [gate; up] rows");
+  c.require(out.size(0) == rows && out.size(1) == n / out_div, "out is ", out.sizes(),
+            "; expected [", rows, ", ", n / out_div, "]");
   c.require(k % 8 == 0 && k > 0, "k (", k, ") must be a positive multiple of 8");
   c.require(n >= 1 && n < (1LL << 30), "n (", n, ") must be in [1, 2^30)");
   c.require(!has_bias || (bias.dim() == 1 && bias.size(0) == n && bias.is_contiguous()),
@@ -68,56 +69,40 @@ std::string gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   return c.error();
 }
 
-// The GEMV after add + RMSNorm (mode 1: x [rows, k], residual and residual_out [rows, k] or
-// both empty, norm_weight [k], eps) or after SwiGLU (mode 2: x [rows, 2 k]); 1 <= rows <= 2
-std::string gemv_prologue(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-                          const at::Tensor& bias, const at::Tensor& residual,
-                          at::Tensor& residual_out, const at::Tensor& norm_weight, double eps,
-                          int64_t mode) {
+// out [rows, I] = silu_and_mul(x [rows, k] w [2 I, k]^T + bias [2 I]); 1 <= rows <= 2
+std::string gemv_silu_and_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor& bias) {
   Checks c;
-  GemvPrologueParams q{};
-  const bool norm = mode == NANOPD_GEMV_ADD_NORM;
-  if (!c.require(norm || mode == NANOPD_GEMV_SWIGLU, "mode must be ",
-                 (int)NANOPD_GEMV_ADD_NORM, " (add + RMSNorm) or ", (int)NANOPD_GEMV_SWIGLU,
-                 " (SwiGLU); got ", mode) ||
-      !check_gemv(c, q.gemv, out, x, w, bias, 2, norm ? 1 : 2).empty()) {
+  GemvFusedParams q{};
+  if (!check_gemv(c, q.gemv, out, x, w, bias, NANOPD_GEMV_FUSED_MAX_ROWS, 2).empty()) {
     return c.error();
   }
-  const int64_t rows = x.size(0), k = w.size(1);
-  c.require(rows * k * x.element_size() <= NANOPD_GEMV_PROLOGUE_MAX_NBYTES, "rows x k = ",
-            rows * k, " elements do not fit the kernel's shared memory");
-  q.mode = (int)mode;
-  if (norm) {
-    const bool has_residual = residual.numel() > 0;
-    c.require(has_residual == (residual_out.numel() > 0),
-              "give both residual and residual_out or neither");
-    if (!c.on_device(norm_weight, "norm_weight", x.device())) return c.error();
-    c.require(norm_weight.scalar_type() == x.scalar_type() && norm_weight.dim() == 1 &&
-                  norm_weight.size(0) == k && norm_weight.is_contiguous(),
-              "norm_weight must be contiguous [", k, "] in x's dtype");
-    c.rows16(norm_weight, "norm_weight");
-    if (c.failed()) return c.error();
-    if (has_residual) {
-      for (auto [t, name] : {Named{&residual, "residual"}, {&residual_out, "residual_out"}}) {
-        if (!c.on_device(*t, name, x.device())) return c.error();
-        c.require(t->scalar_type() == x.scalar_type() && t->sizes() == x.sizes(), name,
-                  " must be ", x.sizes(), " in x's dtype");
-        c.rows16(*t, name);
-      }
-      c.require(residual_out.data_ptr() != x.data_ptr() &&
-                    residual_out.data_ptr() != residual.data_ptr(),
-                "residual_out must be a buffer of its own (other blocks still read x and "
-                "residual)");
-      if (c.failed()) return c.error();
-      q.residual = residual.data_ptr(), q.residual_out = residual_out.data_ptr();
-      q.residual_stride_row = residual.stride(0);
-      q.residual_out_stride_row = residual_out.stride(0);
-    }
-    q.norm_weight = norm_weight.data_ptr();
-    q.eps = (float)eps;
-  }
+  q.epilogue = NANOPD_GEMV_SWIGLU;
   const c10::cuda::CUDAGuard guard(x.device());
-  c.launch(nanopd_gemv_prologue(&q, at::cuda::getCurrentCUDAStream()), "gemv_prologue");
+  c.launch(nanopd_gemv_fused(&q, at::cuda::getCurrentCUDAStream()), "gemv_silu_and_mul");
+  return c.error();
+}
+
+// qkv [rows, (H + 2 KVH) D] = x w^T + bias, rotated and k, v stored as rotary_store_kv
+// (without q/k norm) does; 1 <= rows <= 2
+std::string gemv_rotary(at::Tensor& qkv, const at::Tensor& x, const at::Tensor& w,
+                        const at::Tensor& bias, const at::Tensor& positions,
+                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                        at::Tensor& v_cache, const at::Tensor& slot_mapping, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim) {
+  Checks c;
+  GemvFusedParams q{};
+  const at::Tensor none = at::empty({0});  // no q/k norm
+  if (!check_gemv(c, q.gemv, qkv, x, w, bias, NANOPD_GEMV_FUSED_MAX_ROWS, 1).empty() ||
+      !nanopd::check_rotary(c, q.rotary, qkv, positions, cos, sin, none, none,
+                            0.0, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                            head_dim)
+           .empty()) {
+    return c.error();
+  }
+  q.epilogue = NANOPD_GEMV_ROTARY;
+  const c10::cuda::CUDAGuard guard(x.device());
+  c.launch(nanopd_gemv_fused(&q, at::cuda::getCurrentCUDAStream()), "gemv_rotary");
   return c.error();
 }
 
@@ -125,6 +110,8 @@ std::string gemv_prologue(at::Tensor& out, const at::Tensor& x, const at::Tensor
 
 void add_gemv_bindings(pybind11::module_& m) {
   m.def("gemv", &gemv, "out = x w^T (+ bias) for 1-8 rows of x (gemv.cu)");
-  m.def("gemv_prologue", &gemv_prologue,
-        "the GEMV after add + RMSNorm or SwiGLU, made in the kernel (gemv_fused.cu)");
+  m.def("gemv_silu_and_mul", &gemv_silu_and_mul,
+        "the gate_up GEMV with SiLU-and-mul in its epilogue (gemv_fused.cu)");
+  m.def("gemv_rotary", &gemv_rotary,
+        "the qkv GEMV with rotary and the KV store in its epilogue (gemv_fused.cu)");
 }

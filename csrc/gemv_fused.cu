@@ -1,18 +1,25 @@
-// The decode-batch GEMV with the kernel before it folded in (csrc/gemv.h, GemvPrologueParams):
-//   ADD_NORM: out = linear(fused_add_rms_norm(x, residual))  (qkv_proj, gate_up_proj)
-//   SWIGLU:   out = linear(silu_and_mul(gate_up))              (down_proj)
-// A decode step of one sequence spends ~2 us on each of those small kernels inside a CUDA
-// graph (bench/decode_profile.py, H200); here each thread block makes the GEMV's x itself, in
-// shared memory, with the roundings of fused.cu (fused_math.cuh), and then runs the GEMV's
-// loop (gemv.cuh) on it. x is a few KB, so making it once per block costs little next to the
-// block's weight rows; only block 0 writes the new residual (to its own buffer: the other
-// blocks still read the old one). The weights' first round is prefetched before the kernel
-// waits for its predecessor (programmatic dependent launch, launch.h).
+// The decode-batch GEMV with the kernel after it folded into its epilogue (csrc/gemv.h,
+// GemvFusedParams):
+//   SWIGLU: out = silu_and_mul(linear(x))                 (gate_up_proj)
+//   ROTARY: out = qkv, rotated, k and v stored in the cache (qkv_proj without q/k norm)
+// A decode step of one sequence spent ~2 us on each of those small kernels inside a CUDA
+// graph, plus a kernel boundary (bench/decode_profile.py, H200). The GEMV's loop is
+// gemv.cu's (gemv.cuh); only which columns a warp takes changes: two outputs that the next
+// kernel combines, so its epilogue combines its own two sums:
+// - SWIGLU: the gate and the up column of the same output (weight_rows with pairs): the
+//   gate_up output is never written;
+// - ROTARY: columns d and d + D/2 of a head, rotated (q and k heads) as fused.cu's
+//   rotary_store_kv does; k and v are written into their cache slots.
+// Both are bitwise the two kernels they replace. Folding the add + RMSNorm before qkv_proj and
+// gate_up_proj into the GEMV was tried twice and measured slower (H200, 2026-12-02,
+// docs/kernels.md "Linear layers"): made per block in shared memory, its prologue stalled
+// every block before its first weight load; made per warp as x is read, every warp
+// normalizing the whole row cost more than the norm kernel it saved.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "fused_math.cuh"
+#include "fused_math.cuh"  // rnd, swiglu1
 #include "gemv.cuh"
 #include "launch.h"
 
@@ -23,137 +30,156 @@ using namespace gemv;
 
 constexpr int kThreads = kWarps * 32;
 
-// xs[m] = RMSNorm(x[m] + residual[m]) (or of x[m] alone), residual_out[m] = x[m] + residual[m]
-// in block 0. Every thread of the block takes part (block_total has barriers).
-template <typename T, int M>
-__device__ __forceinline__ void add_norm_into(const GemvPrologueParams& q, T* xs) {
-  const GemvParams& p = q.gemv;
-  const int pieces = p.k_dim / kPiece;
-  const float inv_k = __frcp_rn((float)p.k_dim);  // = the host's 1.f / hidden of rms_norm
-  const T* weight = static_cast<const T*>(q.norm_weight);
-  const bool write_residual = q.residual != nullptr && blockIdx.x == 0;
-  for (int m = 0; m < M; ++m) {
-    const T* x = static_cast<const T*>(p.x) + m * p.x_stride_row;
-    const T* res = q.residual == nullptr
-                       ? nullptr
-                       : static_cast<const T*>(q.residual) + m * q.residual_stride_row;
-    T* res_out = write_residual ? static_cast<T*>(q.residual_out) + m * q.residual_out_stride_row
-                                : nullptr;
-    T* row = xs + m * p.k_dim;
-    float sum_sq = 0.f;
-    for (int i = threadIdx.x; i < pieces; i += kThreads) {
-      float f[8];
-      unpack8<T>(load8(x + kPiece * i), f);
-      if (res != nullptr) {  // the new residual: round(x + residual), the row to normalize
-        float r[8];
-        unpack8<T>(load8(res + kPiece * i), r);
+// For each pair of outputs this lane stores: f(m, i, a, b, va, vb) for row m, pair i (of
+// n_dim / 2), its columns a and b (weight_rows' pairing by pair_stride P) and their values
+// with the bias added and rounded, as the plain GEMV's outputs (store_columns)
+template <typename T, int M, int R, typename F>
+__device__ __forceinline__ void for_own_pairs(const GemvParams& p, const float (&acc)[M][R],
+                                              int c0, int lane, int pair_stride, F&& f) {
+  constexpr int C = R / 2;
+  const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] = rnd<T>(__fadd_rn(f[e], r[e]));
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      const int i = c0 + j;
+      if (lane != (m * C + j) % 32 || i >= p.n_dim / 2) continue;
+      const int a = (i / pair_stride) * 2 * pair_stride + i % pair_stride, b = a + pair_stride;
+      float va = acc[m][j], vb = acc[m][j + C];
+      if (bias != nullptr) va += to_float(bias[a]), vb += to_float(bias[b]);
+      f(m, i, a, b, rnd<T>(va), rnd<T>(vb));
+    }
+}
+
+// SWIGLU's epilogue: output (m, i) = silu(gate) * up of the pair's gate and up values
+template <typename T, int M, int R>
+__device__ __forceinline__ void store_swiglu(const GemvParams& p, const float (&acc)[M][R],
+                                             int c0, int lane) {
+  T* out = static_cast<T*>(p.out);
+  for_own_pairs<T>(p, acc, c0, lane, p.n_dim / 2,
+                   [&](int m, int i, int, int, float gate, float up) {
+                     out[m * p.out_stride_row + i] = from_float<T>(swiglu1<T>(gate, up));
+                   });
+}
+
+// ROTARY's epilogue: pair (m, i) is columns a = head D + d and b = a + D/2 of token m,
+// rotated (q and k heads) with rotary_store_kv's roundings, stored, and (k and v heads)
+// written into the token's slot
+template <typename T, int M, int R>
+__device__ __forceinline__ void store_rotary(const GemvFusedParams& q, const float (&acc)[M][R],
+                                             int c0, int lane) {
+  const GemvParams& p = q.gemv;
+  const RotaryStoreKvParams& rp = q.rotary;
+  const int half = rp.head_dim / 2;
+  T* out = static_cast<T*>(p.out);
+  for_own_pairs<T>(p, acc, c0, lane, half, [&](int m, int i, int a, int b, float va,
+                                               float vb) {
+    const int head = i / half, d = i % half;
+    const bool is_q = head < rp.num_heads;
+    const bool is_v = head >= rp.num_heads + rp.num_kv_heads;
+    if (!is_v) {
+      const int64_t pos = rp.positions[m];
+      float ca, cb, sa, sb;
+      if (pos >= 0 && pos < rp.max_positions) {
+        const float* c = rp.cos + pos * rp.head_dim + d;
+        const float* s = rp.sin + pos * rp.head_dim + d;
+        ca = c[0], cb = c[half], sa = s[0], sb = s[half];
+      } else {
+        ca = cb = sa = sb = __int_as_float(0x7fc00000);  // NaN, as rotary_store_kv
       }
-      const uint4 v = pack8<T>(f);
-      store8(row + kPiece * i, v);
-      if (res_out != nullptr) store8(res_out + kPiece * i, v);
-      sum_sq = __fadd_rn(sum_sq, sum_sq8(f));
+      const float ra = rnd<T>(__fadd_rn(rnd<T>(__fmul_rn(va, rnd<T>(ca))),
+                                        rnd<T>(__fmul_rn(-vb, rnd<T>(sa)))));
+      const float rb = rnd<T>(__fadd_rn(rnd<T>(__fmul_rn(vb, rnd<T>(cb))),
+                                        rnd<T>(__fmul_rn(va, rnd<T>(sb)))));
+      va = ra, vb = rb;
     }
-    const float total = block_total(sum_sq);
-    const float inv = rsqrtf(__fadd_rn(__fmul_rn(total, inv_k), q.eps));
-    for (int i = threadIdx.x; i < pieces; i += kThreads) {  // this thread's own pieces
-      float f[8];
-      unpack8<T>(load8(row + kPiece * i), f);
-      scale_by_weight<T>(f, inv, load8(weight + kPiece * i));
-      store8(row + kPiece * i, pack8<T>(f));
+    out[m * p.out_stride_row + a] = from_float<T>(va);
+    out[m * p.out_stride_row + b] = from_float<T>(vb);
+    const int64_t slot = is_q ? -1 : rp.slot_mapping[m];
+    if (slot >= 0) {  // a negative slot: a padding token, nothing to store
+      const int64_t block = slot / rp.block_size, offset = slot % rp.block_size;
+      T* dst = is_v ? static_cast<T*>(rp.v_cache) + block * rp.v_stride_block +
+                          offset * rp.v_stride_slot +
+                          (int64_t)(head - rp.num_heads - rp.num_kv_heads) * rp.v_stride_head
+                    : static_cast<T*>(rp.k_cache) + block * rp.k_stride_block +
+                          offset * rp.k_stride_slot +
+                          (int64_t)(head - rp.num_heads) * rp.k_stride_head;
+      dst[d] = from_float<T>(va);
+      dst[d + half] = from_float<T>(vb);
     }
-  }
+  });
 }
 
-// xs[m] = silu(gate[m]) * up[m] of x[m] = [gate | up], each k_dim wide
-template <typename T, int M>
-__device__ __forceinline__ void swiglu_into(const GemvParams& p, T* xs) {
-  const int pieces = p.k_dim / kPiece;
-  for (int m = 0; m < M; ++m) {
-    const T* x = static_cast<const T*>(p.x) + m * p.x_stride_row;
-    for (int i = threadIdx.x; i < pieces; i += kThreads) {
-      float gate[8], up[8];
-      unpack8<T>(load8(x + kPiece * i), gate);
-      unpack8<T>(load8(x + p.k_dim + kPiece * i), up);
-      swiglu8<T>(gate, up);
-      store8(xs + m * p.k_dim + kPiece * i, pack8<T>(gate));
-    }
-  }
-}
-
-template <typename T, int M, int R, int MODE>
-__global__ void __launch_bounds__(kThreads, 1) gemv_prologue_kernel(const GemvPrologueParams q) {
-  extern __shared__ uint4 smem[];  // x: [M][k_dim] of T
-  T* xs = reinterpret_cast<T*>(smem);
+template <typename T, int M, int R, int EPI>
+__global__ void __launch_bounds__(kThreads, 1) gemv_fused_kernel(const GemvFusedParams q) {
   const GemvParams& p = q.gemv;
+  constexpr int C = R / 2;  // pairs of outputs per warp
   const int lane = threadIdx.x % 32;
-  const int n0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
-  const bool has_columns = n0 < p.n_dim;  // a warp without stays for the prologue's barriers
+  const int c0 = (blockIdx.x * kWarps + threadIdx.x / 32) * C;
+  if (c0 >= p.n_dim / 2) return;
+  const int pair_stride = EPI == NANOPD_GEMV_SWIGLU ? p.n_dim / 2 : q.rotary.head_dim / 2;
   const T* w_rows[R];
-  weight_rows<T, R>(p, has_columns ? n0 : 0, w_rows);
-  if (has_columns) prefetch_first_round<T, M, R>(p, w_rows, lane);
-  pdl_wait();  // x (and the residual) come from the previous kernel
+  weight_rows<T, R>(p, c0, pair_stride, w_rows);
+  prefetch_first_round<T, M, R>(p, w_rows, lane);
+  pdl_wait();  // x comes from the previous kernel
   pdl_launch_dependents();
-  if constexpr (MODE == NANOPD_GEMV_ADD_NORM) {
-    add_norm_into<T, M>(q, xs);
-  } else {
-    swiglu_into<T, M>(p, xs);
-  }
-  __syncthreads();
-  if (!has_columns) return;
   float acc[M][R];
-  lane_sums<T, M, R>(p, xs, p.k_dim, w_rows, lane, acc);
-  store_columns<T, M, R>(p, acc, n0, lane);
-}
-
-template <typename T, int M, int R, int MODE>
-cudaError_t launch_cols(const GemvPrologueParams& q, cudaStream_t stream) {
-  const GemvParams& p = q.gemv;
-  const int64_t warps = (p.n_dim + R - 1) / R;
-  const int64_t blocks = (warps + kWarps - 1) / kWarps;
-  const int smem_nbytes = M * p.k_dim * (int)sizeof(T);
-  auto kernel = gemv_prologue_kernel<T, M, R, MODE>;
-  if (smem_nbytes > 48 * 1024) {  // above 48 KiB of dynamic shared memory needs an opt-in
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_nbytes);
-    if (err != cudaSuccess) return err;
+  lane_sums<T, M, R>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows, lane, acc);
+  warp_sums(acc);
+  if constexpr (EPI == NANOPD_GEMV_SWIGLU) {
+    store_swiglu<T, M, R>(p, acc, c0, lane);
+  } else {
+    store_rotary<T, M, R>(q, acc, c0, lane);
   }
-  return launch_kernel(kernel, dim3((unsigned)blocks), dim3(kThreads), smem_nbytes, stream, q);
 }
 
-template <typename T, int M, int MODE>
-cudaError_t launch_rows(const GemvPrologueParams& q, cudaStream_t stream) {
-  if (q.gemv.n_dim >= 8192) return launch_cols<T, M, 4, MODE>(q, stream);  // as gemv.cu
-  return launch_cols<T, M, 2, MODE>(q, stream);
+template <typename T, int M, int R, int EPI>
+cudaError_t launch_cols(const GemvFusedParams& q, cudaStream_t stream) {
+  constexpr int C = R / 2;
+  const int64_t warps = (q.gemv.n_dim / 2 + C - 1) / C;
+  const int64_t blocks = (warps + kWarps - 1) / kWarps;
+  return launch_kernel(gemv_fused_kernel<T, M, R, EPI>, dim3((unsigned)blocks), dim3(kThreads),
+                       0, stream, q);
 }
 
-template <typename T, int MODE>
-cudaError_t launch_mode(const GemvPrologueParams& q, cudaStream_t stream) {
+// Columns per warp as gemv.cu: 4 for wide layers, else 2
+template <typename T, int M, int EPI>
+cudaError_t launch_rows(const GemvFusedParams& q, cudaStream_t stream) {
+  if (q.gemv.n_dim >= 8192) return launch_cols<T, M, 4, EPI>(q, stream);
+  return launch_cols<T, M, 2, EPI>(q, stream);
+}
+
+template <typename T, int EPI>
+cudaError_t launch_epilogue(const GemvFusedParams& q, cudaStream_t stream) {
   switch (q.gemv.num_rows) {
-    case 1: return launch_rows<T, 1, MODE>(q, stream);
-    case 2: return launch_rows<T, 2, MODE>(q, stream);
+    case 1: return launch_rows<T, 1, EPI>(q, stream);
+    case 2: return launch_rows<T, 2, EPI>(q, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T>
-cudaError_t launch(const GemvPrologueParams& q, cudaStream_t stream) {
-  if (q.mode == NANOPD_GEMV_ADD_NORM) return launch_mode<T, NANOPD_GEMV_ADD_NORM>(q, stream);
-  if (q.mode == NANOPD_GEMV_SWIGLU) return launch_mode<T, NANOPD_GEMV_SWIGLU>(q, stream);
-  return cudaErrorInvalidValue;
+cudaError_t launch(const GemvFusedParams& q, cudaStream_t stream) {
+  if (q.epilogue == NANOPD_GEMV_SWIGLU) return launch_epilogue<T, NANOPD_GEMV_SWIGLU>(q, stream);
+  return launch_epilogue<T, NANOPD_GEMV_ROTARY>(q, stream);
 }
 
 }  // namespace
 }  // namespace nanopd
 
-extern "C" cudaError_t nanopd_gemv_prologue(const GemvPrologueParams* q, cudaStream_t stream) {
+extern "C" cudaError_t nanopd_gemv_fused(const GemvFusedParams* q, cudaStream_t stream) {
   const GemvParams& p = q->gemv;
-  const int64_t smem_nbytes = (int64_t)p.num_rows * p.k_dim * 2;
-  if (p.num_rows < 1 || p.num_rows > 2 || p.n_dim < 1 || p.k_dim < 1 || p.k_dim % 8 != 0 ||
-      p.n_dim >= (1 << 30) || smem_nbytes > NANOPD_GEMV_PROLOGUE_MAX_NBYTES ||
-      (q->mode == NANOPD_GEMV_ADD_NORM &&
-       (q->norm_weight == nullptr || (q->residual != nullptr && q->residual_out == nullptr)))) {
+  const RotaryStoreKvParams& r = q->rotary;
+  const bool rotary_ok =  // as rotary_store_kv's checks, for the rows of this GEMV
+      r.qkv == p.out && r.num_tokens == p.num_rows && r.num_heads > 0 && r.num_kv_heads > 0 &&
+      r.head_dim >= 2 && r.head_dim % 2 == 0 &&
+      (int64_t)(r.num_heads + 2 * r.num_kv_heads) * r.head_dim == p.n_dim &&
+      r.block_size > 0 && r.max_positions > 0 && r.positions && r.cos && r.sin && r.k_cache &&
+      r.v_cache && r.slot_mapping && r.q_norm_weight == nullptr;
+  if ((q->epilogue != NANOPD_GEMV_SWIGLU && q->epilogue != NANOPD_GEMV_ROTARY) ||
+      (q->epilogue == NANOPD_GEMV_ROTARY && !rotary_ok) || p.num_rows < 1 ||
+      p.num_rows > NANOPD_GEMV_FUSED_MAX_ROWS || p.n_dim < 2 || p.n_dim % 2 != 0 ||
+      p.k_dim < 1 || p.k_dim % 8 != 0 || p.n_dim >= (1 << 30)) {
     return cudaErrorInvalidValue;
   }
   if (p.dtype == NANOPD_BF16) return nanopd::launch<__nv_bfloat16>(*q, stream);

@@ -7,7 +7,7 @@ paged_decode runs both ways (one chunk per sequence; several chunks combined by 
 block), bf16 and fp16, head dims 64 and 128, groups 6 and 12; then store_kv and copy_blocks,
 then the fused layer kernels (norms, rotary + q/k norm + KV store, SiLU-and-mul), then the
 GEMV at 1, 3 and 8 rows (k not a multiple of its 256-element rounds; 2 and 4 columns per warp),
-and with its add + RMSNorm or SwiGLU prologue.
+and with SiLU-and-mul or rotary + KV store in its epilogue.
 Launched back to back, the kernels also run as dependent launches (csrc/launch.h) here.
 """
 
@@ -63,14 +63,15 @@ def main() -> None:
         wg = torch.randn(n, 1000, device="cuda", generator=g).bfloat16()
         gemv_ops.gemv(xg, wg, torch.randn(n, device="cuda", generator=g).bfloat16())
         gemv_ops.gemv(xg, wg)
-    if hasattr(cuda_ops.load(), "gemv_prologue"):  # the GEMV with its x made inside it
+    if hasattr(cuda_ops.load(), "gemv_silu_and_mul"):  # the GEMV with an epilogue
         for rows, n in ((1, 9000), (2, 40)):
             xg = torch.randn(rows, 1000, device="cuda", generator=g).bfloat16()
             wg = torch.randn(n, 1000, device="cuda", generator=g).bfloat16()
-            nw = torch.randn(1000, device="cuda", generator=g).bfloat16()
-            gemv_ops.add_norm_linear(xg, xg.clone(), nw, 1e-6, wg)
-            gemv_ops.add_norm_linear(xg, None, nw, 1e-6, wg)
-            gemv_ops.swiglu_linear(torch.cat([xg, xg], 1), wg)
+            gemv_ops.linear_silu_and_mul(xg, wg)
+            wq = torch.randn((12 + 2 * 2) * 128, 1000, device="cuda", generator=g).bfloat16()
+            gemv_ops.linear_rotary_store_kv(
+                xg, wq, None, torch.tensor([3, 70][:rows], device="cuda"), cos, cos, 12, 2, 128,
+                pool[2, 0], pool[2, 1], torch.tensor([5, -1][:rows], device="cuda"))
     torch.cuda.synchronize()
     print("sanitize_case: every kernel ran")
 

@@ -40,13 +40,25 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)  # views into the runner's KV pool, set at start-up
         self.v_cache = torch.empty(0)
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor | None, meta: AttnMetadata,
-        qkv: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Attention of x (normed hidden states), or from `qkv`, its projection, when given."""
-        if qkv is None:
-            qkv = self.qkv_proj(x)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        """Attention of x (normed hidden states)."""
+        lin = self.qkv_proj
+        if (not self.qk_norm and fused_ops.enabled(x)
+                and gemv_ops.fuse_enabled(x, lin.weight, lin.bias)):
+            # decode steps of one sequence: rotary and the KV store in the GEMV's epilogue
+            qkv = gemv_ops.linear_rotary_store_kv(
+                x, lin.weight, lin.bias, positions, self.rotary.cos, self.rotary.sin,
+                self.num_heads, self.num_kv_heads, self.head_dim, self.k_cache, self.v_cache,
+                meta.slot_mapping)
+            q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
+        else:
+            q = self._rotary_store_kv(positions, lin(x), meta)
+        o = attn_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o.flatten(1))
+
+    def _rotary_store_kv(self, positions: torch.Tensor, qkv: torch.Tensor,
+                         meta: AttnMetadata) -> torch.Tensor:
+        """q of qkv, rotated (after Qwen3's q/k norm), with k and v stored in their slots."""
         if fused_ops.enabled(qkv) and fused_ops.rotary_supported(qkv, self.head_dim):
             # one kernel: q/k norm, rotary in place in qkv, k and v into their slots
             norms = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
@@ -55,15 +67,13 @@ class Attention(nn.Module):
                 qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads,
                 self.num_kv_heads, self.head_dim, self.k_cache, self.v_cache,
                 meta.slot_mapping, *norms)
-            q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
-        else:
-            q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
-            attn_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        o = attn_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.flatten(1))
+            return qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
+        q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        attn_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return q
 
 
 class MLP(nn.Module):
@@ -74,7 +84,10 @@ class MLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        up = self.gate_up_proj
+        if gemv_ops.fuse_enabled(x, up.weight, up.bias):  # decode steps of one sequence
+            return self.down_proj(gemv_ops.linear_silu_and_mul(x, up.weight, up.bias))
+        return self.down_proj(self.act(up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -92,9 +105,6 @@ class DecoderLayer(nn.Module):
         """(h, residual) in, (h, residual) out, where the layer's input is h + residual
         (residual None: the first layer, whose input is h). The sums are today's
         `h + attn(norm(h))` and `h + mlp(norm(h))` with the same roundings."""
-        qkv = self.self_attn.qkv_proj
-        if gemv_ops.fuse_enabled(h, qkv.weight, qkv.bias, h.shape[1]):
-            return self.forward_fused(positions, h, residual, meta)
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
@@ -102,27 +112,6 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(positions, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
-
-    def forward_fused(
-        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
-        meta: AttnMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for a decode step of 1-2 sequences with NANOPD_GEMV_FUSE=1: each norm is
-        made inside the GEMV after it, and SwiGLU inside down_proj's (ops/gemv_ops.py)."""
-        norm, qkv = self.input_layernorm, self.self_attn.qkv_proj
-        qkv_out, residual = gemv_ops.add_norm_linear(h, residual, norm.weight, norm.eps,
-                                                     qkv.weight, qkv.bias)
-        h = self.self_attn(positions, None, meta, qkv=qkv_out)
-        norm = self.post_attention_layernorm
-        gate_up, down = self.mlp.gate_up_proj, self.mlp.down_proj
-        if not gemv_ops.fuse_enabled(h, gate_up.weight, gate_up.bias, h.shape[1]):
-            h, residual = norm(h, residual)
-            return self.mlp(h), residual
-        g, residual = gemv_ops.add_norm_linear(h, residual, norm.weight, norm.eps,
-                                               gate_up.weight, gate_up.bias)
-        if gemv_ops.fuse_enabled(g, down.weight, down.bias, g.shape[1] // 2):
-            return gemv_ops.swiglu_linear(g, down.weight, down.bias), residual
-        return down(self.mlp.act(g)), residual
 
 
 class Backbone(nn.Module):

@@ -7,9 +7,10 @@ for CUDA fp16/bf16 inputs of 1 to LINEAR_MAX_ROWS rows when the extension is bui
 `NANOPD_GEMV=0`; F.linear (cuBLAS) otherwise, which is also its torch reference. Nothing
 here reads a device value or syncs: every call can be captured in a CUDA graph.
 
-Also, behind `NANOPD_GEMV_FUSE=1` (off by default: not yet run on a GPU), the GEMV with the
-layer's add + RMSNorm or SwiGLU made inside it (csrc/gemv_fused.cu): `add_norm_linear`,
-`swiglu_linear`, with the fused_reference functions then F.linear as their references.
+Also the GEMV with the next kernel in its epilogue, in one kernel (csrc/gemv_fused.cu):
+`linear_silu_and_mul` (gate_up_proj) and `linear_rotary_store_kv` (qkv_proj without q/k norm),
+bitwise `gemv` then fused_ops' kernel; the model takes them for decode steps of one sequence
+unless `NANOPD_GEMV_FUSE=0` (`fuse_enabled`).
 """
 
 from __future__ import annotations
@@ -64,51 +65,44 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
-PROLOGUE_ADD_NORM, PROLOGUE_SWIGLU = 1, 2  # NANOPD_GEMV_ADD_NORM, NANOPD_GEMV_SWIGLU
-PROLOGUE_MAX_NBYTES = 160 * 1024  # NANOPD_GEMV_PROLOGUE_MAX_NBYTES: rows x k of x
+# The model takes the fused GEMVs up to this many rows: one. At two rows they were slower than
+# the GEMV and the kernel after it (bench/decode_step.py, H200, 2026-12-02: a decode step at
+# batch 2 1.58 ms fused against 1.55 unfused; at batch 1 1.43 against 1.46).
+FUSE_MAX_ROWS = 1
 
 
-def fuse_enabled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 k: int) -> bool:
-    """Whether the layer may take `add_norm_linear` / `swiglu_linear` for x: NANOPD_GEMV_FUSE
-    is "1", 1-2 rows (LINEAR_MAX_ROWS), a row of k elements fits the kernel's shared memory,
-    and `gemv` takes the shapes otherwise."""
-    return (os.environ.get("NANOPD_GEMV_FUSE", "0") == "1" and x.dim() == 2
-            and x.shape[0] <= LINEAR_MAX_ROWS and weight.shape[1] == k
-            and x.shape[0] * k * x.element_size() <= PROLOGUE_MAX_NBYTES
-            and supported(x[:, :k], weight, bias)
-            and hasattr(cuda_ops.load(), "gemv_prologue"))
+def fuse_enabled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a layer may take `linear_silu_and_mul` / `linear_rotary_store_kv` for x and this
+    weight: NANOPD_GEMV_FUSE not "0", at most FUSE_MAX_ROWS rows, `gemv` takes the shapes, and
+    the extension has the kernels."""
+    return (os.environ.get("NANOPD_GEMV_FUSE", "1") != "0" and x.dim() == 2
+            and x.shape[0] <= FUSE_MAX_ROWS and supported(x, weight, bias)
+            and hasattr(cuda_ops.load(), "gemv_silu_and_mul"))
 
 
-def add_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                    eps: float, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(F.linear(RMSNorm(x + residual)), x + residual)` in one kernel, for 1-2 rows; with
-    residual None, `(F.linear(RMSNorm(x)), x)`. x and residual are not modified (the new
-    residual is a new tensor). Torch reference: `fused_add_rms_norm_reference` (or
-    `rms_norm_reference`) then F.linear; as those kernels, up to the order of the mean of
-    squares."""
-    rows, k = x.shape
-    out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
-    res_out = (_EMPTY if residual is None
-               else torch.empty(rows, k, dtype=x.dtype, device=x.device))
-    cuda_ops._raise_on(cuda_ops._ops().gemv_prologue(
-        out, x, weight, _EMPTY if bias is None else bias,
-        _EMPTY if residual is None else residual, res_out, norm_weight, float(eps),
-        PROLOGUE_ADD_NORM))
-    return out, (x if residual is None else res_out)
-
-
-def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(silu(gate) * up)` of gate_up `[rows, 2 k]` (gate, then up) in one kernel, for
-    1-2 rows. Torch reference: `silu_and_mul_reference` then F.linear."""
-    out = torch.empty(gate_up.shape[0], weight.shape[0], dtype=gate_up.dtype,
-                      device=gate_up.device)
-    cuda_ops._raise_on(cuda_ops._ops().gemv_prologue(
-        out, gate_up, weight, _EMPTY if bias is None else bias, _EMPTY, _EMPTY, _EMPTY, 0.0,
-        PROLOGUE_SWIGLU))
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`silu_and_mul(F.linear(x, weight, bias))` of weight [gate; up] `[2 I, k]` in one kernel,
+    for 1-2 rows: bitwise `gemv` then fused_ops' SiLU-and-mul kernel."""
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
+    cuda_ops._raise_on(cuda_ops._ops().gemv_silu_and_mul(
+        out, x, weight, _EMPTY if bias is None else bias))
     return out
+
+
+def linear_rotary_store_kv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """qkv = F.linear(x, weight, bias) for 1-2 rows of x (decode tokens), with q and k rotated
+    and k, v written into their cache slots in the GEMV's epilogue: bitwise `gemv` then
+    `fused_ops.rotary_store_kv` without q/k norm (its arguments and errors)."""
+    qkv = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    cuda_ops._raise_on(cuda_ops._ops().gemv_rotary(
+        qkv, x, weight, _EMPTY if bias is None else bias, positions, cos, sin, k_cache, v_cache,
+        slot_mapping, int(num_heads), int(num_kv_heads), int(head_dim)))
+    return qkv
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
