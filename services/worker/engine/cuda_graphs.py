@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from services.worker.ops import cuda_ops
-from services.worker.ops.attn_metadata import AttnMetadata
+from services.worker.ops.attn_metadata import AttnMetadata, block_table_tensor
 
 if TYPE_CHECKING:
     from services.worker.engine.runner import ModelRunner
@@ -123,8 +123,7 @@ class DecodeGraphs:
         if width > self.max_blocks:
             raise ValueError(f"a block table of {width} blocks; the graphs were captured for "
                              f"{self.max_blocks} (max_model_len)")
-        host = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                            pin_memory=True)
+        host = block_table_tensor(tables, width, pin=True)
         self.block_tables[:n, :width].copy_(host, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[:n]

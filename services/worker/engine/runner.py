@@ -11,7 +11,7 @@ from services.worker.engine.cuda_graphs import DecodeGraphs, why_not_capturable
 from services.worker.models.config import ModelConfig, parse_dtype
 from services.worker.models.loader import load_model
 from services.worker.ops import cuda_ops
-from services.worker.ops.attn_metadata import AttnMetadata
+from services.worker.ops.attn_metadata import AttnMetadata, block_table_tensor
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,6 @@ class ModelRunner:
         ctx_lens: list[int] = []
         num_decode = 0
         max_blocks = max(len(bt) for _, _, _, bt in batch)
-        tables: list[list[int]] = []
         for tokens, start, ctx, table in batch:
             n = len(tokens)
             num_decode += n == 1 and num_decode == len(ctx_lens)
@@ -134,7 +133,6 @@ class ModelRunner:
             slots += [table[p // bs] * bs + p % bs for p in pos]
             cu.append(cu[-1] + n)
             ctx_lens.append(ctx)
-            tables.append(table + [0] * (max_blocks - len(table)))
         dev = self.device
 
         def t(x: list, dtype: torch.dtype) -> torch.Tensor:
@@ -145,7 +143,8 @@ class ModelRunner:
         meta = AttnMetadata(
             slot_mapping=t(slots, torch.int64),
             context_lens=t(ctx_lens, torch.int32),
-            block_tables=t(tables, torch.int32),
+            block_tables=block_table_tensor([bt for _, _, _, bt in batch], max_blocks,
+                                            pin=dev.type == "cuda").to(dev, non_blocking=True),
             cu_seqlens_q=cu,
             context_lens_host=ctx_lens,
             num_decode_seqs=num_decode,

@@ -35,3 +35,17 @@ class AttnMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.num_decode_seqs == self.num_seqs
+
+
+def block_table_tensor(tables: list[list[int]], width: int, pin: bool = False) -> torch.Tensor:
+    """int32 `[len(tables), width]` on the host: each block table left-aligned, padded with 0
+    (pinned for a non-blocking copy when `pin`). Filled row by row through numpy: a step's
+    tables as one nested list cost ~3x more (64 x 256 entries: 2.26 against 0.78 ms on a
+    2-core CPU, 2026-12-02). Raises ValueError for a table longer than `width`."""
+    host = torch.zeros(len(tables), width, dtype=torch.int32, pin_memory=pin)
+    rows = host.numpy()
+    for i, table in enumerate(tables):
+        if len(table) > width:
+            raise ValueError(f"a block table of {len(table)} blocks; at most {width} fit")
+        rows[i, : len(table)] = table
+    return host
