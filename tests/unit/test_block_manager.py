@@ -85,6 +85,17 @@ def test_ensure_slots_allocates_nothing_when_short():
     assert bm.reserve(a, 8) and len(a.block_table) == 2
 
 
+def assert_hashes_chain(bm: BlockManager, s: Sequence) -> None:
+    """The blocks a sequence committed carry the chained hashes of its own tokens (commit
+    continues from where it stopped: it must give what a commit from scratch gives)."""
+    assert s.committed_blocks <= min(s.num_computed_tokens // 4, len(s.block_table))
+    parent = None
+    for i in range(s.committed_blocks):
+        parent = hash((parent, tuple(s.token_ids[i * 4 : (i + 1) * 4])))
+        assert bm.block_hash[s.block_table[i]] == parent
+    assert s.committed_hash == parent
+
+
 ops = st.lists(
     st.tuples(st.sampled_from(["new", "compute", "fork", "free"]),
               st.integers(0, 7), st.integers(1, 20), st.integers(0, 3)),
@@ -120,6 +131,8 @@ def test_random_operations_keep_counts_sane_and_leak_nothing(ops, caching):
         assert all(r >= 0 for r in bm.ref_counts)
         for s in live:  # a block table always covers the computed tokens
             assert len(s.block_table) * 4 >= s.num_computed_tokens
+            if caching:
+                assert_hashes_chain(bm, s)
     for s in live:
         bm.free(s)
     bm.check_invariants()

@@ -102,6 +102,7 @@ class BlockManager:
             parent = h
         hit = len(seq.block_table) * bs
         seq.num_computed_tokens = seq.num_cached_tokens = hit
+        seq.committed_blocks, seq.committed_hash = len(seq.block_table), parent
         return hit
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
@@ -137,13 +138,19 @@ class BlockManager:
         return self.ensure_slots(seq, num_tokens)
 
     def commit(self, seq: Sequence) -> None:
-        """Register the sequence's newly full blocks in the prefix cache."""
+        """Register the sequence's newly full blocks in the prefix cache.
+
+        Starts from the blocks it committed before (a full block never changes while the
+        sequence holds it): a decode step costs O(1), not O(context). From the start again
+        if the table was changed under it (its last committed block lost that hash)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
-        parent = None
-        for i in range(num_full):
+        start, parent = seq.committed_blocks, seq.committed_hash
+        if start > num_full or (start and self.block_hash[seq.block_table[start - 1]] != parent):
+            start, parent = 0, None
+        for i in range(start, num_full):
             b = seq.block_table[i]
             h = self.block_hash[b]
             if h is None:
@@ -153,11 +160,14 @@ class BlockManager:
                 self.block_tokens[b] = tokens
                 self.hash_to_block.setdefault(h, b)
             parent = h
+        seq.committed_blocks, seq.committed_hash = num_full, parent
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent; writes into a shared block copy it."""
         child.block_table = list(parent.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.committed_blocks = parent.committed_blocks
+        child.committed_hash = parent.committed_hash
         for b in child.block_table:
             self.ref_counts[b] += 1
 
@@ -167,6 +177,7 @@ class BlockManager:
             self._release(b)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.committed_blocks, seq.committed_hash = 0, None
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -35,6 +35,10 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_table: list[int] = field(default_factory=list)
+    # the prefix cache's bookkeeping (BlockManager.commit): block_table[:committed_blocks]
+    # are hashed, the last of them with committed_hash
+    committed_blocks: int = 0
+    committed_hash: int | None = None
     generator: torch.Generator | None = None
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
