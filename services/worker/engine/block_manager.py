@@ -127,7 +127,9 @@ class BlockManager:
             dst = self._take()
             self.pending_copies.append((src, dst))
             self._release(src)
-            seq.block_table[bi] = dst
+            # a new list, never an entry changed in place: the runner's BlockTableStage knows
+            # an unchanged table by its identity and length
+            seq.block_table = seq.block_table[:bi] + [dst] + seq.block_table[bi + 1 :]
         for _ in range(need):
             seq.block_table.append(self._take())
         return True

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from services.worker.ops import cuda_ops
-from services.worker.ops.attn_metadata import AttnMetadata, block_table_tensor
+from services.worker.ops.attn_metadata import AttnMetadata, BlockTableStage
 
 if TYPE_CHECKING:
     from services.worker.engine.runner import ModelRunner
@@ -71,6 +71,7 @@ class DecodeGraphs:
         self.logits = torch.empty(max_bs, runner.model_cfg.vocab_size, dtype=runner.dtype,
                                   device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.tables = BlockTableStage(pin=True)
         self._capture()
 
     def _forward(self, bs: int) -> None:
@@ -123,7 +124,7 @@ class DecodeGraphs:
         if width > self.max_blocks:
             raise ValueError(f"a block table of {width} blocks; the graphs were captured for "
                              f"{self.max_blocks} (max_model_len)")
-        host = block_table_tensor(tables, width, pin=True)
+        host = self.tables.tensor(tables, width)
         self.block_tables[:n, :width].copy_(host, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[:n]

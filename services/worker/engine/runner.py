@@ -11,7 +11,7 @@ from services.worker.engine.cuda_graphs import DecodeGraphs, why_not_capturable
 from services.worker.models.config import ModelConfig, parse_dtype
 from services.worker.models.loader import load_model
 from services.worker.ops import cuda_ops
-from services.worker.ops.attn_metadata import AttnMetadata, block_table_tensor
+from services.worker.ops.attn_metadata import AttnMetadata, BlockTableStage
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_pool[i, 0], self.kv_pool[i, 1]
         self.graphs: DecodeGraphs | None = None
+        self.tables = BlockTableStage(pin=self.device.type == "cuda")
 
     def capture_graphs(self, max_model_len: int) -> None:
         """CUDA graphs for decode-only steps (config.enforce_eager=False), if this runner's
@@ -143,8 +144,8 @@ class ModelRunner:
         meta = AttnMetadata(
             slot_mapping=t(slots, torch.int64),
             context_lens=t(ctx_lens, torch.int32),
-            block_tables=block_table_tensor([bt for _, _, _, bt in batch], max_blocks,
-                                            pin=dev.type == "cuda").to(dev, non_blocking=True),
+            block_tables=self.tables.tensor([bt for _, _, _, bt in batch], max_blocks).to(
+                dev, non_blocking=True),
             cu_seqlens_q=cu,
             context_lens_host=ctx_lens,
             num_decode_seqs=num_decode,
