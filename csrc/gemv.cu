@@ -29,14 +29,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) gemv_kernel(const GemvParams p
   const int lane = threadIdx.x % 32;
   const int n0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
   if (n0 >= p.n_dim) return;
-  const T* w_rows[R];
-  weight_rows<T, R>(p, n0, 0, w_rows);
-  prefetch_first_round<T, M, R>(p, w_rows, lane);
-  pdl_wait();  // x is read after the wait
-  pdl_launch_dependents();
   float acc[M][R];
-  lane_sums<T, M, R>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows, lane, acc);
-  warp_sums(acc);
+  column_sums<T, M, R>(p, n0, 0, lane, acc);
   store_columns<T, M, R>(p, acc, n0, lane);
 }
 

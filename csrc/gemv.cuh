@@ -122,6 +122,21 @@ __device__ __forceinline__ void warp_sums(float (&acc)[M][R]) {
       for (int o = 16; o > 0; o /= 2) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], o);
 }
 
+// The kernels' common body: this warp's R weight rows from column (or pair) c0, their first
+// round prefetched before the wait for the previous kernel, then acc[m][r] = the warp's full
+// sum x[m] . w_rows[r], in every lane. Launched with PDL (launch.h): x is read after the wait.
+template <typename T, int M, int R>
+__device__ __forceinline__ void column_sums(const GemvParams& p, int c0, int pair_stride,
+                                            int lane, float (&acc)[M][R]) {
+  const T* w_rows[R];
+  weight_rows<T, R>(p, c0, pair_stride, w_rows);
+  prefetch_first_round<T, M, R>(p, w_rows, lane);
+  pdl_wait();
+  pdl_launch_dependents();
+  lane_sums<T, M, R>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows, lane, acc);
+  warp_sums(acc);
+}
+
 // The warp's sums (warp_sums) with the bias added in fp32, one rounding, stored: output
 // (m, r) by lane (m R + r) % 32
 template <typename T, int M, int R>

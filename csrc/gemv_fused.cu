@@ -118,14 +118,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_fused_kernel(const GemvFused
   const int c0 = (blockIdx.x * kWarps + threadIdx.x / 32) * C;
   if (c0 >= p.n_dim / 2) return;
   const int pair_stride = EPI == NANOPD_GEMV_SWIGLU ? p.n_dim / 2 : q.rotary.head_dim / 2;
-  const T* w_rows[R];
-  weight_rows<T, R>(p, c0, pair_stride, w_rows);
-  prefetch_first_round<T, M, R>(p, w_rows, lane);
-  pdl_wait();  // x comes from the previous kernel
-  pdl_launch_dependents();
   float acc[M][R];
-  lane_sums<T, M, R>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows, lane, acc);
-  warp_sums(acc);
+  column_sums<T, M, R>(p, c0, pair_stride, lane, acc);
   if constexpr (EPI == NANOPD_GEMV_SWIGLU) {
     store_swiglu<T, M, R>(p, acc, c0, lane);
   } else {

@@ -9,6 +9,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# what every script of bad calls starts with: the extension, bf16 on the GPU, an empty tensor
+PRELUDE = """
+import torch
+from services.worker.ops import cuda_ops
+ops = cuda_ops._ops()
+bf = {"dtype": torch.bfloat16, "device": "cuda"}
+none = torch.empty(0, device="cuda")
+"""
+
 
 def errors_of(script: str) -> list[str]:
     """The `|`-joined error strings the script prints last, after asserting it exited 0."""

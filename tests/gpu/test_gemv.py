@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.ops import cuda_ops, gemv_ops
-from tests.gpu.child import errors_of
+from tests.gpu.child import PRELUDE, errors_of
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or cuda_ops.load() is None
@@ -89,12 +89,7 @@ def test_gemv_refuses_what_it_cannot_take():
         gemv_ops.gemv(x[:1, :60], w[:, :60])
 
 
-BAD_CALLS = """
-import torch
-from services.worker.ops import cuda_ops
-ops = cuda_ops._ops()
-bf = {"dtype": torch.bfloat16, "device": "cuda"}
-none = torch.empty(0, device="cuda")
+BAD_CALLS = PRELUDE + """
 x, w, out = torch.zeros(9, 64, **bf), torch.zeros(32, 64, **bf), torch.zeros(9, 32, **bf)
 errors = [
     ops.gemv(out, x, w, none),                                   # 9 rows
@@ -203,16 +198,11 @@ def test_rotary_epilogue_is_bitwise_the_two_kernels(rows, heads, dtype):
         assert torch.equal(mine, theirs)
 
 
-ROTARY_BAD_CALLS = """
-import torch
-from services.worker.ops import cuda_ops
-ops = cuda_ops._ops()
-bf = {"dtype": torch.bfloat16, "device": "cuda"}
+ROTARY_BAD_CALLS = PRELUDE + """
 x, w, qkv = torch.zeros(1, 64, **bf), torch.zeros(64, 64, **bf), torch.zeros(1, 64, **bf)
 table = torch.zeros(8, 16, device="cuda")
 cache = torch.zeros(2, 16, 1, 16, **bf)
 pos = torch.zeros(1, dtype=torch.long, device="cuda")
-none = torch.empty(0, device="cuda")
 errors = [
     ops.gemv_rotary(qkv, x, w, none, pos, table, table, cache, cache, pos, 3, 1, 16),  # width
     ops.gemv_rotary(qkv, x, w, none, pos.int(), table, table, cache, cache, pos, 2, 1, 16),
@@ -276,12 +266,7 @@ def test_fused_decode_layers_are_bitwise_the_unfused_ones(tmp_path, monkeypatch,
         assert torch.equal(fused, plain)
 
 
-BAD_FUSED_CALLS = """
-import torch
-from services.worker.ops import cuda_ops
-ops = cuda_ops._ops()
-bf = {"dtype": torch.bfloat16, "device": "cuda"}
-none = torch.empty(0, device="cuda")
+BAD_FUSED_CALLS = PRELUDE + """
 x, w, out = torch.zeros(2, 64, **bf), torch.zeros(32, 64, **bf), torch.zeros(2, 16, **bf)
 errors = [
     ops.gemv_silu_and_mul(out, torch.zeros(3, 64, **bf), w, none),  # rows
