@@ -168,12 +168,39 @@ def time_fused(model: torch.nn.Module, rows_list: list[int], calls: int) -> list
                               gemv_ops.gemv(x, lin.weight, lin.bias), pos, *rot),
                           lambda x=x, pos=pos, rot=rot: gemv_ops.linear_rotary_store_kv(
                               x, lin.weight, lin.bias, pos, *rot)))
+        if rows <= 2 and hasattr(cuda_ops.load(), "gemv_add"):
+            cases.append(_add_norm_case(model, rows))
         for name, unfused, fused in cases:
             row = {"layer": name, "rows": rows, "unfused_us": graph_us_per_call(unfused, calls),
                    "fused_us": graph_us_per_call(fused, calls)}
             row["speedup"] = row["unfused_us"] / row["fused_us"]
             out.append(row)
     return out
+
+
+def _add_norm_case(model: torch.nn.Module, rows: int) -> tuple:
+    """o_proj, the post-attention add + RMSNorm and gate_up + SiLU-and-mul of layer 0: the
+    GEMV, fused_add_rms_norm and the fused gate_up, against the add in o_proj's epilogue and
+    the norm in gate_up's prologue."""
+    from services.worker.ops import fused_ops
+
+    layer = model.model.layers[0]
+    o_w, up, norm = layer.self_attn.o_proj.weight, layer.mlp.gate_up_proj, \
+        layer.post_attention_layernorm
+    o = torch.randn(rows, o_w.shape[1], device="cuda", dtype=o_w.dtype)
+    residual = torch.randn(rows, o_w.shape[0], device="cuda", dtype=o_w.dtype)
+
+    def unfused() -> None:
+        x, _ = fused_ops.fused_add_rms_norm(gemv_ops.gemv(o, o_w), residual, norm.weight,
+                                            norm.eps)
+        gemv_ops.linear_silu_and_mul(x, up.weight, up.bias)
+
+    def fused() -> None:
+        summed = gemv_ops.linear_add(o, o_w, None, residual)
+        gemv_ops.linear_silu_and_mul(residual, up.weight, up.bias,
+                                     gemv_ops.Norm(summed.sums, norm.weight, norm.eps))
+
+    return "o_proj+add_norm+gate_up_silu", unfused, fused
 
 
 def main() -> None:

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "device_utils.cuh"
+#include "fused_math.cuh"  // scale_by_weight, warp_total (a NORM prologue)
 #include "gemv.h"
 
 namespace nanopd {
@@ -66,18 +67,91 @@ __device__ __forceinline__ void prefetch_first_round(const GemvParams& p,
   }
 }
 
-// acc[m][r] = this lane's part of x[m] . w_rows[r]; x rows x_stride_row apart
-template <typename T, int M, int R>
+// A weight load that the compiler keeps where it is written (volatile): a NORM prologue's
+// first round must be out before the block stops at its barrier
+__device__ __forceinline__ uint4 load_streaming_pinned(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+constexpr int kSumSlots = NANOPD_GEMV_NORM_MAX_SUMS / 32;  // the sums of a row a lane adds
+constexpr int kNormPieces = NANOPD_GEMV_NORM_MAX_SUMS;     // 16-byte pieces of a normed row
+
+// A NORM prologue (gemv.h), by every thread of the block once its first round of weight loads
+// is out: its pieces of x and of the norm weight and its share of the sums are loaded
+// together; each warp makes each row's inverse RMS (this lane's sums in a fixed order, then
+// over the warp); the block writes RMSNorm(x) of its M rows into shared memory, rounded as
+// rms_norm rounds, and waits for all of it. Returns the normed rows, k_dim / 8 pieces apart.
+template <typename T, int M>
+__device__ __forceinline__ const uint4* norm_rows_to_shared(const GemvParams& p,
+                                                            const GemvNormParams& nm) {
+  static_assert(M <= 2, "a NORM prologue takes 1-2 rows");
+  constexpr int kPerThread = M * kNormPieces / (kWarps * 32);
+  __shared__ uint4 xs[M * kNormPieces];
+  const int lane = threadIdx.x % 32, pieces = p.k_dim / kPiece;
+  const T* x = static_cast<const T*>(p.x);
+  const T* weight = static_cast<const T*>(nm.weight);
+  uint4 xv[kPerThread], wv[kPerThread];
+#pragma unroll
+  for (int t = 0; t < kPerThread; ++t) {
+    const int i = threadIdx.x + t * kWarps * 32, m = i / pieces, j = i % pieces;
+    const bool valid = i < M * pieces;
+    xv[t] = valid ? *reinterpret_cast<const uint4*>(x + m * p.x_stride_row + j * kPiece)
+                  : make_uint4(0, 0, 0, 0);
+    wv[t] = valid ? *reinterpret_cast<const uint4*>(weight + j * kPiece) : make_uint4(0, 0, 0, 0);
+  }
+  float part[M][kSumSlots], inv[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int j = 0; j < kSumSlots; ++j) {
+      const int i = lane + 32 * j;
+      part[m][j] = i < nm.num_sums ? nm.sums[m * nm.num_sums + i] : 0.f;
+    }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < kSumSlots; ++j) s = __fadd_rn(s, part[m][j]);
+    s = warp_total(s);
+    inv[m] = rsqrtf(__fadd_rn(__fmul_rn(s, 1.f / (float)p.k_dim), nm.eps));  // as rms_norm
+  }
+#pragma unroll
+  for (int t = 0; t < kPerThread; ++t) {
+    const int i = threadIdx.x + t * kWarps * 32;
+    if (i < M * pieces) {
+      float f[8];
+      unpack8<T>(xv[t], f);
+      scale_by_weight<T>(f, i < pieces ? inv[0] : inv[M - 1], wv[t]);
+      xs[i] = pack8<T>(f);
+    }
+  }
+  __syncthreads();
+  return xs;
+}
+
+// acc[m][r] = this lane's part of x[m] . w_rows[r]; x rows x_stride_row apart. NORM: x[m] is
+// a residual row and the sums are over RMSNorm(x[m]) (nm, gemv.h), which the block writes
+// into shared memory (norm_rows_to_shared) while its first round of weight loads is in
+// flight; every thread of the block must call it (a barrier).
+template <typename T, int M, int R, bool NORM = false>
 __device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64_t x_stride_row,
                                           const T* const (&w_rows)[R], int lane,
-                                          float (&acc)[M][R]) {
-  constexpr int U = unroll<M>();
+                                          float (&acc)[M][R],
+                                          const GemvNormParams* nm = nullptr) {
+  // NORM at 4 columns: 6 pieces a round (a 1536-wide row in one), fewer registers held
+  // across the prologue's barrier
+  constexpr int U = NORM && R == 4 ? 6 : unroll<M>();
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
-
-  for (int k0 = lane * kPiece; k0 < p.k_dim; k0 += U * kLaneStride) {
+  const uint4* xs = nullptr;  // NORM: the normed rows
+  // NORM: every lane runs the first round (with nothing to load past k_dim): its barrier
+  bool first = NORM;
+  for (int k0 = lane * kPiece; first || k0 < p.k_dim; k0 += U * kLaneStride) {
     uint4 wv[U][R], xv[U][M];
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // every load of this round first, then the arithmetic
@@ -85,12 +159,29 @@ __device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64
       const bool valid = k < p.k_dim;  // loads past k_dim are not made: zeros instead
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        wv[u][r] = valid ? load_streaming(w_rows[r] + k) : make_uint4(0, 0, 0, 0);
+        wv[u][r] = !valid ? make_uint4(0, 0, 0, 0)
+                   : NORM ? load_streaming_pinned(w_rows[r] + k)
+                          : load_streaming(w_rows[r] + k);
       }
+      if constexpr (!NORM) {
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        xv[u][m] = valid ? *reinterpret_cast<const uint4*>(x + m * x_stride_row + k)
-                         : make_uint4(0, 0, 0, 0);
+        for (int m = 0; m < M; ++m) {
+          xv[u][m] = valid ? *reinterpret_cast<const uint4*>(x + m * x_stride_row + k)
+                           : make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+    if constexpr (NORM) {
+      if (first) xs = norm_rows_to_shared<T, M>(p, *nm);
+      first = false;
+      const int pieces = p.k_dim / kPiece;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + u * kLaneStride;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          xv[u][m] = k < p.k_dim ? xs[m * pieces + k / kPiece] : make_uint4(0, 0, 0, 0);
+        }
       }
     }
 #pragma unroll
@@ -122,27 +213,35 @@ __device__ __forceinline__ void warp_sums(float (&acc)[M][R]) {
       for (int o = 16; o > 0; o /= 2) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], o);
 }
 
+struct NoOp {
+  __device__ void operator()() const {}
+};
+
 // The kernels' common body: this warp's R weight rows from column (or pair) c0, their first
 // round prefetched before the wait for the previous kernel, then acc[m][r] = the warp's full
-// sum x[m] . w_rows[r], in every lane. Launched with PDL (launch.h): x is read after the wait.
-template <typename T, int M, int R>
+// sum x[m] . w_rows[r] (of RMSNorm(x[m]) with NORM), in every lane. Launched with PDL
+// (launch.h): x is read after the wait, and so is whatever after_wait() loads.
+template <typename T, int M, int R, bool NORM = false, typename AfterWait = NoOp>
 __device__ __forceinline__ void column_sums(const GemvParams& p, int c0, int pair_stride,
-                                            int lane, float (&acc)[M][R]) {
+                                            int lane, float (&acc)[M][R],
+                                            const GemvNormParams* nm = nullptr,
+                                            AfterWait&& after_wait = {}) {
   const T* w_rows[R];
   weight_rows<T, R>(p, c0, pair_stride, w_rows);
   prefetch_first_round<T, M, R>(p, w_rows, lane);
   pdl_wait();
   pdl_launch_dependents();
-  lane_sums<T, M, R>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows, lane, acc);
+  after_wait();
+  lane_sums<T, M, R, NORM>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows, lane, acc,
+                           nm);
   warp_sums(acc);
 }
 
-// The warp's sums (warp_sums) with the bias added in fp32, one rounding, stored: output
-// (m, r) by lane (m R + r) % 32
-template <typename T, int M, int R>
-__device__ __forceinline__ void store_columns(const GemvParams& p, const float (&acc)[M][R],
-                                              int n0, int lane) {
-  T* out = static_cast<T*>(p.out);
+// For each output this lane stores: f(m, n, v) for row m, column n and the warp's sum with
+// the bias added in fp32 (not rounded): output (m, r) by lane (m R + r) % 32
+template <typename T, int M, int R, typename F>
+__device__ __forceinline__ void for_own_columns(const GemvParams& p, const float (&acc)[M][R],
+                                                int n0, int lane, F&& f) {
   const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -152,9 +251,19 @@ __device__ __forceinline__ void store_columns(const GemvParams& p, const float (
       if (lane == (m * R + r) % 32 && n < p.n_dim) {
         float v = acc[m][r];
         if (bias != nullptr) v += to_float(bias[n]);
-        out[m * p.out_stride_row + n] = from_float<T>(v);
+        f(m, r, n, v);
       }
     }
+}
+
+// The warp's sums (warp_sums) with the bias added in fp32, one rounding, stored
+template <typename T, int M, int R>
+__device__ __forceinline__ void store_columns(const GemvParams& p, const float (&acc)[M][R],
+                                              int n0, int lane) {
+  T* out = static_cast<T*>(p.out);
+  for_own_columns<T>(p, acc, n0, lane, [&](int m, int, int n, float v) {
+    out[m * p.out_stride_row + n] = from_float<T>(v);
+  });
 }
 
 }  // namespace gemv

@@ -58,6 +58,34 @@ std::string check_gemv(Checks& c, GemvParams& p, at::Tensor& out, const at::Tens
   return c.error();
 }
 
+// The checks of a NORM prologue's sums [rows, ceil(k / 8)] (fp32, from an ADD epilogue) and
+// norm weight [k] for the GEMV of p (filled); sums empty: no norm. Fills nm.
+std::string check_norm(Checks& c, GemvNormParams& nm, const GemvParams& p, const at::Tensor& x,
+                       const at::Tensor& sums, const at::Tensor& weight, double eps) {
+  if (sums.numel() == 0) return c.error();
+  const at::Device device = x.device();
+  if (!c.on_device(sums, "norm_sums", device) || !c.on_device(weight, "norm_weight", device)) {
+    return c.error();
+  }
+  const int64_t num_sums = (p.k_dim + NANOPD_GEMV_SUM_COLUMNS - 1) / NANOPD_GEMV_SUM_COLUMNS;
+  c.require(num_sums <= NANOPD_GEMV_NORM_MAX_SUMS, "a normed GEMV takes k up to ",
+            NANOPD_GEMV_NORM_MAX_SUMS * NANOPD_GEMV_SUM_COLUMNS, "; got ", p.k_dim);
+  c.require(sums.scalar_type() == at::kFloat && sums.dim() == 2 && sums.size(0) == p.num_rows &&
+                sums.size(1) == num_sums && sums.is_contiguous(),
+            "norm_sums must be contiguous float32 [", p.num_rows, ", ", num_sums,
+            "] (an ADD epilogue's sums of squares); got ", sums.sizes(), " ",
+            sums.scalar_type());
+  c.require(weight.scalar_type() == x.scalar_type() && weight.dim() == 1 &&
+                weight.size(0) == p.k_dim && weight.is_contiguous(),
+            "norm_weight must be contiguous [", p.k_dim, "] ", x.scalar_type(), "; got ",
+            weight.sizes(), " ", weight.scalar_type());
+  c.require(eps >= 0, "eps must be >= 0; got ", eps);
+  if (c.failed() || !c.rows16(weight, "norm_weight")) return c.error();
+  nm.sums = sums.data_ptr<float>(), nm.weight = weight.data_ptr();
+  nm.num_sums = (int)num_sums, nm.eps = (float)eps;
+  return c.error();
+}
+
 // out [rows, n] = x [rows, k] w [n, k]^T + bias [n] (bias empty: none), 1 <= rows <= 8
 std::string gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                  const at::Tensor& bias) {
@@ -69,12 +97,15 @@ std::string gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   return c.error();
 }
 
-// out [rows, I] = silu_and_mul(x [rows, k] w [2 I, k]^T + bias [2 I]); 1 <= rows <= 2
+// out [rows, I] = silu_and_mul(x [rows, k] w [2 I, k]^T + bias [2 I]), x normed first when
+// norm_sums is not empty (check_norm); 1 <= rows <= 2
 std::string gemv_silu_and_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-                              const at::Tensor& bias) {
+                              const at::Tensor& bias, const at::Tensor& norm_sums,
+                              const at::Tensor& norm_weight, double eps) {
   Checks c;
   GemvFusedParams q{};
-  if (!check_gemv(c, q.gemv, out, x, w, bias, NANOPD_GEMV_FUSED_MAX_ROWS, 2).empty()) {
+  if (!check_gemv(c, q.gemv, out, x, w, bias, NANOPD_GEMV_FUSED_MAX_ROWS, 2).empty() ||
+      !check_norm(c, q.norm, q.gemv, x, norm_sums, norm_weight, eps).empty()) {
     return c.error();
   }
   q.epilogue = NANOPD_GEMV_SWIGLU;
@@ -84,16 +115,18 @@ std::string gemv_silu_and_mul(at::Tensor& out, const at::Tensor& x, const at::Te
 }
 
 // qkv [rows, (H + 2 KVH) D] = x w^T + bias, rotated and k, v stored as rotary_store_kv
-// (without q/k norm) does; 1 <= rows <= 2
+// (without q/k norm) does, x normed first when norm_sums is not empty; 1 <= rows <= 2
 std::string gemv_rotary(at::Tensor& qkv, const at::Tensor& x, const at::Tensor& w,
                         const at::Tensor& bias, const at::Tensor& positions,
                         const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                         at::Tensor& v_cache, const at::Tensor& slot_mapping, int64_t num_heads,
-                        int64_t num_kv_heads, int64_t head_dim) {
+                        int64_t num_kv_heads, int64_t head_dim, const at::Tensor& norm_sums,
+                        const at::Tensor& norm_weight, double eps) {
   Checks c;
   GemvFusedParams q{};
   const at::Tensor none = at::empty({0});  // no q/k norm
   if (!check_gemv(c, q.gemv, qkv, x, w, bias, NANOPD_GEMV_FUSED_MAX_ROWS, 1).empty() ||
+      !check_norm(c, q.norm, q.gemv, x, norm_sums, norm_weight, eps).empty() ||
       !nanopd::check_rotary(c, q.rotary, qkv, positions, cos, sin, none, none,
                             0.0, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
                             head_dim)
@@ -106,6 +139,49 @@ std::string gemv_rotary(at::Tensor& qkv, const at::Tensor& x, const at::Tensor& 
   return c.error();
 }
 
+// out [rows, n] = RMSNorm(x) w^T + bias, RMSNorm from norm_sums (check_norm); 1 <= rows <= 2
+std::string gemv_normed(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                        const at::Tensor& bias, const at::Tensor& norm_sums,
+                        const at::Tensor& norm_weight, double eps) {
+  Checks c;
+  GemvFusedParams q{};
+  if (!check_gemv(c, q.gemv, out, x, w, bias, NANOPD_GEMV_FUSED_MAX_ROWS, 1).empty() ||
+      !check_norm(c, q.norm, q.gemv, x, norm_sums, norm_weight, eps).empty()) {
+    return c.error();
+  }
+  c.require(norm_sums.numel() > 0, "gemv_normed needs norm_sums (else: gemv)");
+  if (c.failed()) return c.error();
+  q.epilogue = NANOPD_GEMV_PLAIN;
+  const c10::cuda::CUDAGuard guard(x.device());
+  c.launch(nanopd_gemv_fused(&q, at::cuda::getCurrentCUDAStream()), "gemv_normed");
+  return c.error();
+}
+
+// residual [rows, n] += x [rows, k] w [n, k]^T + bias, in place with the add's rounding, and
+// sums [rows, ceil(n / 8)] = the new residual's sums of squares by runs of 8 columns (fp32):
+// the next normed GEMV's norm_sums; 1 <= rows <= 2
+std::string gemv_add(at::Tensor& residual, const at::Tensor& x, const at::Tensor& w,
+                     const at::Tensor& bias, at::Tensor& sums) {
+  Checks c;
+  GemvFusedParams q{};
+  if (!check_gemv(c, q.gemv, residual, x, w, bias, NANOPD_GEMV_FUSED_MAX_ROWS, 1).empty() ||
+      !c.on_device(sums, "sums", x.device())) {
+    return c.error();
+  }
+  const int64_t num_sums = (q.gemv.n_dim + NANOPD_GEMV_SUM_COLUMNS - 1) / NANOPD_GEMV_SUM_COLUMNS;
+  c.require(sums.scalar_type() == at::kFloat && sums.dim() == 2 &&
+                sums.size(0) == q.gemv.num_rows && sums.size(1) == num_sums &&
+                sums.is_contiguous(),
+            "sums must be contiguous float32 [", q.gemv.num_rows, ", ", num_sums, "]; got ",
+            sums.sizes(), " ", sums.scalar_type());
+  if (c.failed()) return c.error();
+  q.epilogue = NANOPD_GEMV_ADD;
+  q.sums = sums.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(x.device());
+  c.launch(nanopd_gemv_fused(&q, at::cuda::getCurrentCUDAStream()), "gemv_add");
+  return c.error();
+}
+
 }  // namespace
 
 void add_gemv_bindings(pybind11::module_& m) {
@@ -114,4 +190,8 @@ void add_gemv_bindings(pybind11::module_& m) {
         "the gate_up GEMV with SiLU-and-mul in its epilogue (gemv_fused.cu)");
   m.def("gemv_rotary", &gemv_rotary,
         "the qkv GEMV with rotary and the KV store in its epilogue (gemv_fused.cu)");
+  m.def("gemv_normed", &gemv_normed,
+        "the GEMV of RMSNorm(x), the norm from an ADD epilogue's sums (gemv_fused.cu)");
+  m.def("gemv_add", &gemv_add,
+        "the GEMV added into the residual, with its sums of squares (gemv_fused.cu)");
 }

@@ -16,6 +16,7 @@ from services.worker.ops import cuda_ops
 ops = cuda_ops._ops()
 bf = {"dtype": torch.bfloat16, "device": "cuda"}
 none = torch.empty(0, device="cuda")
+no_norm = (none, none, 0.0)  # a fused GEMV's norm_sums, norm_weight, eps: no NORM prologue
 """
 
 

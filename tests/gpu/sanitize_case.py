@@ -72,6 +72,18 @@ def main() -> None:
             gemv_ops.linear_rotary_store_kv(
                 xg, wq, None, torch.tensor([3, 70][:rows], device="cuda"), cos, cos, 12, 2, 128,
                 pool[2, 0], pool[2, 1], torch.tensor([5, -1][:rows], device="cuda"))
+    if hasattr(cuda_ops.load(), "gemv_add"):  # the add + norm split around the GEMVs
+        for rows, n in ((1, 1000), (2, 1001)):
+            residual = torch.randn(rows, n, device="cuda", generator=g).bfloat16()
+            xg = torch.randn(rows, 1000, device="cuda", generator=g).bfloat16()
+            wg = torch.randn(n, 1000, device="cuda", generator=g).bfloat16()
+            summed = gemv_ops.linear_add(xg, wg, None, residual)
+            w_norm = torch.randn(n, device="cuda", generator=g).bfloat16()
+            norm = gemv_ops.Norm(summed.sums, w_norm, 1e-6)
+            if n % 8 == 0:  # a normed GEMV takes k a multiple of 8
+                w_in = torch.randn(9000, n, device="cuda", generator=g).bfloat16()
+                gemv_ops.linear_normed(residual, w_in, None, norm)
+                gemv_ops.linear_silu_and_mul(residual, w_in, None, norm)
     torch.cuda.synchronize()
     print("sanitize_case: every kernel ran")
 

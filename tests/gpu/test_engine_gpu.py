@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from services.worker.engine import LLM, SamplingParams
+from tests.gpu.batches import random_decode_batch
 from tests.hf_reference import hf_greedy
 
 SHAPES = ["tiny-llama", "tiny-llama-linear", "tiny-qwen2", "tiny-qwen3"]
@@ -95,11 +96,7 @@ def test_cuda_graphs_pad_ragged_batches(root):
     runner = llm.engine.runner
     rng = random.Random(4)
     for n in (1, 3, 5, 7, 13):
-        batch, free = [], rng.sample(range(512), 512)  # disjoint tables, scattered blocks
-        for _ in range(n):
-            ctx = rng.randint(1, 300)
-            table = [free.pop() for _ in range(-(-ctx // 16))]
-            batch.append(([rng.randrange(500)], ctx - 1, ctx, table))
+        batch = random_decode_batch(rng, n, 512, 300)  # disjoint tables, scattered blocks
         graphed = runner.run(batch, list(range(n))).float().clone()
         graphs, runner.graphs = runner.graphs, None
         eager = runner.run(batch, list(range(n))).float()

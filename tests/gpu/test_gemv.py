@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.ops import cuda_ops, gemv_ops
+from tests.gpu.batches import random_decode_batch
 from tests.gpu.child import PRELUDE, errors_of
 
 pytestmark = pytest.mark.skipif(
@@ -125,12 +126,7 @@ def test_decode_step_logits_with_and_without_the_kernel(tmp_path, monkeypatch):
     runner.kv_pool.normal_()
     rng = random.Random(5)
     for n in (1, 2):
-        free = rng.sample(range(256), 256)
-        batch = []
-        for _ in range(n):
-            ctx = rng.randint(1, 200)
-            batch.append(([rng.randrange(500)], ctx - 1, ctx,
-                          [free.pop() for _ in range(-(-ctx // 16))]))
+        batch = random_decode_batch(rng, n, 256, 200)
         ours = runner.run(batch, list(range(n))).float().clone()
         monkeypatch.setenv("NANOPD_GEMV", "0")
         cublas = runner.run(batch, list(range(n))).float()
@@ -203,10 +199,12 @@ x, w, qkv = torch.zeros(1, 64, **bf), torch.zeros(64, 64, **bf), torch.zeros(1, 
 table = torch.zeros(8, 16, device="cuda")
 cache = torch.zeros(2, 16, 1, 16, **bf)
 pos = torch.zeros(1, dtype=torch.long, device="cuda")
-errors = [
-    ops.gemv_rotary(qkv, x, w, none, pos, table, table, cache, cache, pos, 3, 1, 16),  # width
-    ops.gemv_rotary(qkv, x, w, none, pos.int(), table, table, cache, cache, pos, 2, 1, 16),
-    ops.gemv_rotary(qkv, x, w, none, pos, table.half(), table, cache, cache, pos, 2, 1, 16),
+errors = [  # the width first
+    ops.gemv_rotary(qkv, x, w, none, pos, table, table, cache, cache, pos, 3, 1, 16, *no_norm),
+    ops.gemv_rotary(qkv, x, w, none, pos.int(), table, table, cache, cache, pos, 2, 1, 16,
+                    *no_norm),
+    ops.gemv_rotary(qkv, x, w, none, pos, table.half(), table, cache, cache, pos, 2, 1, 16,
+                    *no_norm),
 ]
 assert all(errors), errors
 print("|".join(errors))
@@ -227,12 +225,14 @@ def test_fused_decode_layers_are_bitwise_the_unfused_ones(tmp_path, monkeypatch,
     """A bf16 decode step of one sequence takes the fused GEMVs (eager and inside CUDA
     graphs): SiLU-and-mul in gate_up's and (no q/k norm: small-llama) rotary + KV store in
     qkv's; its logits are bitwise the unfused path's (NANOPD_GEMV_FUSE=0). Two sequences
-    take the unfused path."""
+    take the unfused path. (The norms split around the GEMVs are not bitwise:
+    NANOPD_GEMV_NORM=0 here, test_gemv_norm.py for them.)"""
     import random
 
     from services.worker.engine import LLM, SamplingParams
     from services.worker.models.random_model import tiny_test_model
 
+    monkeypatch.setenv("NANOPD_GEMV_NORM", "0")
     path = tiny_test_model(shape, tmp_path, None)
     calls = []
     names = ["linear_silu_and_mul"]
@@ -254,9 +254,7 @@ def test_fused_decode_layers_are_bitwise_the_unfused_ones(tmp_path, monkeypatch,
     runner.kv_pool.normal_()
     rng = random.Random(6)
     for n in (1, 2):
-        free = rng.sample(range(256), 256)
-        batch = [([rng.randrange(500)], c - 1, c, [free.pop() for _ in range(-(-c // 16))])
-                 for c in (rng.randint(1, 200) for _ in range(n))]
+        batch = random_decode_batch(rng, n, 256, 200)
         calls.clear()
         fused = runner.run(batch, list(range(n))).float().clone()
         assert set(calls) == (set(names) if n <= gemv_ops.FUSE_MAX_ROWS else set())
@@ -269,9 +267,9 @@ def test_fused_decode_layers_are_bitwise_the_unfused_ones(tmp_path, monkeypatch,
 BAD_FUSED_CALLS = PRELUDE + """
 x, w, out = torch.zeros(2, 64, **bf), torch.zeros(32, 64, **bf), torch.zeros(2, 16, **bf)
 errors = [
-    ops.gemv_silu_and_mul(out, torch.zeros(3, 64, **bf), w, none),  # rows
-    ops.gemv_silu_and_mul(torch.zeros(2, 32, **bf), x, w, none),    # out not [rows, n / 2]
-    ops.gemv_silu_and_mul(out, x, w[:31], none),                    # odd n
+    ops.gemv_silu_and_mul(out, torch.zeros(3, 64, **bf), w, none, *no_norm),  # rows
+    ops.gemv_silu_and_mul(torch.zeros(2, 32, **bf), x, w, none, *no_norm),  # not [rows, n/2]
+    ops.gemv_silu_and_mul(out, x, w[:31], none, *no_norm),  # odd n
 ]
 assert all(errors), errors
 print("|".join(errors))

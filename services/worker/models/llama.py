@@ -40,21 +40,29 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)  # views into the runner's KV pool, set at start-up
         self.v_cache = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        """Attention of x (normed hidden states)."""
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata,
+                norm: gemv_ops.Norm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor | gemv_ops.Summed:
+        """Attention of x (normed hidden states; with a `norm`, the residual stream, which the
+        qkv GEMV norms as it reads it). With `residual`, o_proj's GEMV adds its output into it
+        and this returns the new residual's `Summed` (DecoderLayer's fused form)."""
         lin = self.qkv_proj
-        if (not self.qk_norm and fused_ops.enabled(x)
-                and gemv_ops.fuse_enabled(x, lin.weight, lin.bias)):
+        if not self.qk_norm and (norm is not None or (
+                fused_ops.enabled(x) and gemv_ops.fuse_enabled(x, lin.weight, lin.bias))):
             # decode steps of one sequence: rotary and the KV store in the GEMV's epilogue
             qkv = gemv_ops.linear_rotary_store_kv(
                 x, lin.weight, lin.bias, positions, self.rotary.cos, self.rotary.sin,
                 self.num_heads, self.num_kv_heads, self.head_dim, self.k_cache, self.v_cache,
-                meta.slot_mapping)
+                meta.slot_mapping, norm)
             q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
         else:
-            q = self._rotary_store_kv(positions, lin(x), meta)
-        o = attn_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.flatten(1))
+            qkv = lin(x) if norm is None else gemv_ops.linear_normed(x, lin.weight, lin.bias,
+                                                                      norm)
+            q = self._rotary_store_kv(positions, qkv, meta)
+        o = attn_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1)
+        if residual is not None:
+            return gemv_ops.linear_add(o, self.o_proj.weight, self.o_proj.bias, residual)
+        return self.o_proj(o)
 
     def _rotary_store_kv(self, positions: torch.Tensor, qkv: torch.Tensor,
                          meta: AttnMetadata) -> torch.Tensor:
@@ -83,11 +91,18 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: gemv_ops.Norm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor | gemv_ops.Summed:
+        """MLP of x (normed; with a `norm`, the residual stream, normed by gate_up's GEMV).
+        With `residual`, down_proj's GEMV adds into it and this returns its `Summed`."""
         up = self.gate_up_proj
-        if gemv_ops.fuse_enabled(x, up.weight, up.bias):  # decode steps of one sequence
-            return self.down_proj(gemv_ops.linear_silu_and_mul(x, up.weight, up.bias))
-        return self.down_proj(self.act(up(x)))
+        if norm is not None or gemv_ops.fuse_enabled(x, up.weight, up.bias):
+            h = gemv_ops.linear_silu_and_mul(x, up.weight, up.bias, norm)  # one sequence
+        else:
+            h = self.act(up(x))
+        if residual is not None:
+            return gemv_ops.linear_add(h, self.down_proj.weight, self.down_proj.bias, residual)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -97,21 +112,51 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._weights_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
 
     def forward(
-        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
-        meta: AttnMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, positions: torch.Tensor, h: torch.Tensor | gemv_ops.Summed,
+        residual: torch.Tensor | None, meta: AttnMetadata,
+    ) -> tuple[torch.Tensor | gemv_ops.Summed, torch.Tensor]:
         """(h, residual) in, (h, residual) out, where the layer's input is h + residual
         (residual None: the first layer, whose input is h). The sums are today's
-        `h + attn(norm(h))` and `h + mlp(norm(h))` with the same roundings."""
-        if residual is None:
+        `h + attn(norm(h))` and `h + mlp(norm(h))` with the same roundings.
+
+        Fused form (decode steps of one sequence, `gemv_ops.norms_fusable`): o_proj and
+        down_proj add into the residual in their GEMVs' epilogues and the norms are made by
+        the qkv and gate_up GEMVs as they read the residual stream, so h comes back as a
+        `gemv_ops.Summed` (the add is done; its sums of squares ride along)."""
+        x = residual if residual is not None else h
+        fuse = gemv_ops.norms_fusable(x, self._weights_fusable(x))
+        norm = None
+        if isinstance(h, gemv_ops.Summed):
+            if fuse:
+                w = self.input_layernorm
+                norm, h = gemv_ops.Norm(h.sums, w.weight, w.eps), residual
+            else:
+                h = self.input_layernorm(residual)
+        elif residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm(h, residual)
+        if fuse:
+            summed = self.self_attn(positions, h, meta, norm, residual)
+            w = self.post_attention_layernorm
+            return self.mlp(residual, gemv_ops.Norm(summed.sums, w.weight, w.eps),
+                            residual), residual
         h = self.self_attn(positions, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def _weights_fusable(self, x: torch.Tensor) -> bool:
+        """gemv_ops.weight_ok of the four projections for x's device and dtype, once."""
+        key = (x.device, x.dtype)
+        if key not in self._weights_ok:
+            a, m = self.self_attn, self.mlp
+            self._weights_ok[key] = all(
+                gemv_ops.weight_ok(x, lin.weight, lin.bias)
+                for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj))
+        return self._weights_ok[key]
 
 
 class Backbone(nn.Module):
@@ -131,7 +176,11 @@ class Backbone(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(positions, h, residual, meta)
-        return self.norm(h) if residual is None else self.norm(h, residual)[0]
+        if residual is None:
+            return self.norm(h)
+        if isinstance(h, gemv_ops.Summed):  # the last add is in residual already
+            return self.norm(residual)
+        return self.norm(h, residual)[0]
 
 
 class CausalLM(nn.Module):
