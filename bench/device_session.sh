@@ -10,6 +10,8 @@
 #   kernels    bench/kernels.py (with a chunk-count sweep), then each built variant
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
 #   stepprof   bench/decode_profile.py: one decode step's kernels by name and kind, GEMVs alone
+#   gemvprof   ncu over bench/gemv_ncu.py: each GEMV of a one-sequence layer alone, with and
+#              without the add + norm split (duration, stall reasons)
 #   ab         decode steps at batch 1-2 with each opt-in path off and on, one process each
 #              (AB="NANOPD_GEMV_FUSE NANOPD_PDL": the variables to flip, default the fused
 #              GEMV; AB_VALUES="0 1 norm": their values, default "0 1")
@@ -95,6 +97,10 @@ for phase in "$@"; do
       step decode_step 330 python3 bench/decode_step.py --out "$WORK/decode_step.json" ;;
     stepprof)
       step decode_profile 240 python3 bench/decode_profile.py --out "$WORK/decode_profile.json" ;;
+    gemvprof)
+      step ncu_gemv 200 ncu --clock-control none --kernel-name regex:"gemv|rms_norm" \
+        --launch-skip 10 --section SpeedOfLight --section WarpStateStats --section LaunchStats \
+        --section Occupancy --section SchedulerStats python3 bench/gemv_ncu.py ;;
     ab)
       for var in ${AB:-NANOPD_GEMV_FUSE}; do
         for val in ${AB_VALUES:-0 1}; do
