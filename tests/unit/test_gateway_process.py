@@ -17,7 +17,7 @@ import zmq
 
 from common.config import MeshConfig
 from common.protocol import AbortRequest, Error, RouteRequest
-from tests.unit.test_gateway import HOLD_SEED, FakeRouter, free_port, recv, submit
+from tests.unit.gateway_mesh import HOLD_SEED, FakeRouter, free_port, recv, submit
 
 REPO = Path(__file__).resolve().parents[2]
 
