@@ -3,12 +3,15 @@
 for Nsight Compute: under `ncu` every kernel runs alone, so its duration and stall reasons
 are its own, with no dependent launch overlapping its start.
 
-    ncu --clock-control none --kernel-name regex:"gemv|rms_norm" --section SpeedOfLight \\
-        --section WarpStateStats --section LaunchStats python3 bench/gemv_ncu.py
+    ncu --clock-control none --kernel-name regex:"gemv|rms_norm" --launch-skip 10 \\
+        --section SpeedOfLight --section WarpStateStats --section LaunchStats \\
+        python3 bench/gemv_ncu.py          (bash bench/device_session.sh build gemvprof)
 
-Order of the kernels: o_proj plain, o_proj with the add (ADD); the add + norm kernel, gate_up
-+ SiLU-and-mul on its output, gate_up + SiLU-and-mul with the norm (NORM); the same for qkv
-with rotary; down_proj plain, down_proj with the add.
+The same 10 matching kernels run twice; `--launch-skip 10` profiles the second round (warm
+clocks). A round: o_proj plain, o_proj with the add (ADD); o_proj plain again and the add +
+norm kernel (`fused_add_rms_norm`), gate_up + SiLU-and-mul on its output, gate_up +
+SiLU-and-mul with the norm (NORM); qkv + rotary on the normed x, then with the norm;
+down_proj plain, down_proj with the add. Change the calls and the skip changes with them.
 """
 
 from __future__ import annotations
