@@ -18,7 +18,8 @@ std::string paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor&
                          const at::Tensor& v_cache, const at::Tensor& block_tables,
                          const at::Tensor& context_lens, at::Tensor& partial_out,
                          at::Tensor& partial_max, at::Tensor& partial_sum, at::Tensor& counters,
-                         double scale, int64_t max_splits, int64_t min_chunk) {
+                         double scale, int64_t max_splits, int64_t min_chunk,
+                         bool early_kv) {
   Checks c;
   const at::Device device = q.device();
   for (auto [t, name] : {Named{&q, "q"}, {&out, "out"}, {&k_cache, "k_cache"},
@@ -104,6 +105,7 @@ std::string paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor&
   p.num_seqs = (int)num_seqs, p.num_heads = (int)num_heads, p.num_kv_heads = (int)num_kv_heads;
   p.head_dim = (int)head_dim, p.block_size = (int)block_size;
   p.max_splits = (int)max_splits, p.min_chunk = (int)min_chunk;
+  p.early_kv = early_kv ? 1 : 0;
   p.scale = (float)scale;
   p.dtype = dtype == at::kHalf ? NANOPD_FP16 : NANOPD_BF16;
   const c10::cuda::CUDAGuard guard(device);

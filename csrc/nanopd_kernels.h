@@ -29,6 +29,11 @@ enum { NANOPD_FP16 = 0, NANOPD_BF16 = 1 };
 // [num_seqs, num_heads, max_splits]); the last of its blocks to finish (counted in
 // counters [num_seqs * num_kv_heads], zero before the launch and zero again after it)
 // combines them. No second kernel.
+//
+// early_kv != 0 promises that the kernel launched just before this one (on the stream) wrote
+// no KV slot but each sequence's last (position context_len - 1): a decode step's own store.
+// The kernel then fetches its first K/V tiles before waiting for that kernel (launch.h) and
+// loads the last slot after the wait. 0: everything is read after the wait.
 typedef struct {
   void* out;
   const void* q;
@@ -47,6 +52,7 @@ typedef struct {
   int64_t block_tables_stride;
   int num_seqs, num_heads, num_kv_heads, head_dim, block_size;
   int max_splits, min_chunk;
+  int early_kv;
   float scale;
   int dtype;  // NANOPD_FP16 or NANOPD_BF16
 } PagedDecodeParams;

@@ -66,46 +66,25 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int idx = (guess_first + i * kStride) / p.block_size;
     blk[i] = idx < p.block_tables_stride ? ld_nc_s32(table + idx) : -1;
   }
-  // context lengths and block tables are the step's inputs, copied in before its first kernel;
-  // q and the KV cache come from the previous kernel: read (and anything written) only after
-  // the wait (programmatic dependent launch, launch.h)
-  pdl_wait();
-  pdl_launch_dependents();
-  // Q fragments: query heads head0 + g (and head0 + g + 8); rows past the group are zero
-  const T* q = static_cast<const T*>(p.q) + seq * p.q_stride_seq + head0 * p.q_stride_head;
-  uint4 qf[RH][KC];
-#pragma unroll
-  for (int r = 0; r < RH; ++r) {
-    const int row = g + 8 * r;
-#pragma unroll
-    for (int c = 0; c < KC; ++c) {
-      qf[r][c] = row < group ? ld_nc_v4(q + row * p.q_stride_head + 8 * t + 32 * c)
-                             : make_uint4(0, 0, 0, 0);
-    }
-  }
-
-  T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + head0 * p.out_stride_head;
-  if (ctx <= 0) {  // nothing to attend to (a padding row of a CUDA graph batch): zeros
-    if (split == 0) {
-      for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
-        out[(i / HEAD_DIM) * p.out_stride_head + i % HEAD_DIM] = from_float<T>(0.f);
-      }
-    }
-    return;
-  }
-  const int chunk = chunk_tokens(ctx, p.max_splits, p.min_chunk);
+  const int chunk = chunk_tokens(ctx, p.max_splits, p.min_chunk);  // ctx <= 0: unused
   const int num_parts = (ctx + chunk - 1) / chunk;  // <= max_splits by construction
   const int begin = split * chunk;
-  if (begin >= ctx) return;
   const int end = min(ctx, begin + chunk);
   const int first = begin + warp * kTile;  // this warp's tiles: first, first + kStride, ..
   const int num_tiles = first < end ? (end - first + kStride - 1) / kStride : 0;
+  const bool live = ctx > 0 && begin < ctx;
+  // early_kv: the previous kernel wrote at most each sequence's last slot (position ctx - 1,
+  // a decode step's own store), so the first tiles are fetched before the wait, that slot
+  // left out and loaded after it (fix_last_row)
+  const bool early = p.early_kv != 0 && live;
+  auto fix_table = [&] {
 #pragma unroll
-  for (int i = 0; i < kStages; ++i) {  // the guess was wrong (long contexts): a second trip
-    if (i < num_tiles && (first != guess_first || blk[i] < 0)) {
-      blk[i] = __ldg(table + (first + i * kStride) / p.block_size);
+    for (int i = 0; i < kStages; ++i) {  // the guess was wrong (long contexts): a second trip
+      if (i < num_tiles && (first != guess_first || blk[i] < 0)) {
+        blk[i] = __ldg(table + (first + i * kStride) / p.block_size);
+      }
     }
-  }
+  };
 
   // A tile in shared memory: K then V, each [16 rows][RP 16-byte pieces], row-major, loaded
   // whole rows at a time (each 8 consecutive lanes read 128 contiguous bytes: full-line L2
@@ -125,13 +104,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int ld_piece = lane % RP;
   const int k_off = ld_row * (int)p.k_stride_slot + 8 * ld_piece;
   const int v_off = ld_row * (int)p.v_stride_slot + 8 * ld_piece;
-  const int k_dst = ld_row * RP + (ld_piece ^ ((ld_row & 1) << 2));  // + 32 k (RPI is even)
   const int k_src_row[2] = {g * RP, (8 + g) * RP};   // K rows this lane consumes
-  const int k_swz = (g & 1) << 2;                    // its pieces t + 4c: t + (4c ^ k_swz)
+  const int k_swz = (g & 1) << 2;                    // its pieces t + (4c ^ k_swz)
   const int vrow[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};  // V rows it consumes
+  auto k_slot = [&](int row) { return row * RP + (ld_piece ^ ((row & 1) << 2)); };
+  auto v_slot = [&](int row) { return VT + row * RP + (ld_piece ^ (((row >> 1) & 3) << 1)); };
 
-  auto issue = [&](int i, int64_t block) {  // tile i of this warp (in KV block `block`) into
-    if (i < num_tiles) {                    // stage i % kStages, then commit
+  // tile i of this warp (in KV block `block`) into stage i % kStages, then commit; before the
+  // wait (early) without the row of position ctx - 1
+  auto issue = [&](int i, int64_t block, bool before_wait) {
+    if (i < num_tiles) {
       const int t0 = first + i * kStride;
       const int off = t0 % p.block_size;
       const T* kt = kbase + block * p.k_stride_block + off * (int)p.k_stride_slot;
@@ -140,14 +122,74 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int k = 0; k < LI; ++k) {
         const int row = RPI * k + ld_row;
+        if (before_wait && t0 + row == ctx - 1) continue;
         const bool valid = t0 + row < ctx;
-        cp_async16(st + 32 * k + k_dst, kt + k_off + RPI * k * (int)p.k_stride_slot, valid);
-        cp_async16(st + VT + row * RP + (ld_piece ^ (((row >> 1) & 3) << 1)),
-                   vt + v_off + RPI * k * (int)p.v_stride_slot, valid);
+        cp_async16(st + k_slot(row), kt + k_off + RPI * k * (int)p.k_stride_slot, valid);
+        cp_async16(st + v_slot(row), vt + v_off + RPI * k * (int)p.v_stride_slot, valid);
       }
     }
     cp_async_commit();  // possibly empty: keeps one group per tile index
   };
+  // the row that early issuing left out, if it is in one of this warp's early tiles: loaded
+  // through the L2 (the previous kernel wrote it) and stored where its copy would have landed
+  auto fix_last_row = [&] {
+    const int rel = ctx - 1 - first, i = rel / kStride, row = rel % kStride;
+    if (rel < 0 || ctx - 1 >= end || row >= kTile || i >= kStages - 1 || ld_row != row % RPI) {
+      return;
+    }
+    const int t0 = first + i * kStride, off = t0 % p.block_size, k = row / RPI;
+    int64_t block = blk[0];  // blk[i], kept in registers
+#pragma unroll
+    for (int j = 1; j < kStages - 1; ++j) block = j == i ? blk[j] : block;
+    const T* kt = kbase + block * p.k_stride_block + off * (int)p.k_stride_slot;
+    const T* vt = vbase + block * p.v_stride_block + off * (int)p.v_stride_slot;
+    const uint4 kv = __ldcg(reinterpret_cast<const uint4*>(
+        kt + k_off + RPI * k * (int)p.k_stride_slot));
+    const uint4 vv = __ldcg(reinterpret_cast<const uint4*>(
+        vt + v_off + RPI * k * (int)p.v_stride_slot));
+    uint4* st = ring + i * PIECES * 32;
+    st[k_slot(row)] = kv, st[v_slot(row)] = vv;
+  };
+
+  if (early) {
+    fix_table();
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) issue(i, blk[i], true);
+  }
+  // context lengths and block tables are the step's inputs, copied in before its first kernel;
+  // q and the KV cache come from the previous kernel: read (and anything written) only after
+  // the wait (programmatic dependent launch, launch.h), but for early_kv's tiles
+  pdl_wait();
+  pdl_launch_dependents();
+  // Q fragments: query heads head0 + g (and head0 + g + 8); rows past the group are zero
+  const T* q = static_cast<const T*>(p.q) + seq * p.q_stride_seq + head0 * p.q_stride_head;
+  uint4 qf[RH][KC];
+#pragma unroll
+  for (int r = 0; r < RH; ++r) {
+    const int row = g + 8 * r;
+#pragma unroll
+    for (int c = 0; c < KC; ++c) {
+      qf[r][c] = row < group ? ld_nc_v4(q + row * p.q_stride_head + 8 * t + 32 * c)
+                             : make_uint4(0, 0, 0, 0);
+    }
+  }
+  if (early) fix_last_row();
+
+  T* out = static_cast<T*>(p.out) + seq * p.out_stride_seq + head0 * p.out_stride_head;
+  if (ctx <= 0) {  // nothing to attend to (a padding row of a CUDA graph batch): zeros
+    if (split == 0) {
+      for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
+        out[(i / HEAD_DIM) * p.out_stride_head + i % HEAD_DIM] = from_float<T>(0.f);
+      }
+    }
+    return;
+  }
+  if (begin >= ctx) return;
+  if (!early) {
+    fix_table();
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) issue(i, blk[i], false);
+  }
 
   const float scale_log2 = p.scale * kLog2e;
   float m[RH], l[RH], o[NT][2 * RH];  // o[j][2r], o[j][2r + 1]: row g + 8r, n-tile j
@@ -158,8 +200,6 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int i = 0; i < 2 * RH; ++i) o[j][i] = 0.f;
 
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i, blk[i]);
   // the block id of the next tile to issue, read one tile ahead so that issuing a tile never
   // waits on a global load of the block table
   int next_block = blk[kStages - 1];
@@ -169,7 +209,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (j + 1 < num_tiles) {
       next_block = __ldg(table + (first + (j + 1) * kStride) / p.block_size);
     }
-    issue(j, block);
+    issue(j, block, false);
     cp_async_wait<kStages - 1>();  // this lane's copies of tile i have landed
     __syncwarp();                  // and every other lane's (K rows are shared)
     const int t0 = first + i * kStride;

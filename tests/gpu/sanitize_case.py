@@ -4,10 +4,11 @@
     compute-sanitizer --tool racecheck python3 tests/gpu/sanitize_case.py
 
 paged_decode runs both ways (one chunk per sequence; several chunks combined by the last
-block), bf16 and fp16, head dims 64 and 128, groups 6 and 12; then store_kv and copy_blocks,
-then the fused layer kernels (norms, rotary + q/k norm + KV store, SiLU-and-mul), then the
-GEMV at 1, 3 and 8 rows (k not a multiple of its 256-element rounds; 2 and 4 columns per warp),
-and with SiLU-and-mul or rotary + KV store in its epilogue.
+block), each with and without early_kv, bf16 and fp16, head dims 64 and 128, groups 6 and
+12; then store_kv and copy_blocks, then the fused layer kernels (norms, rotary + q/k norm +
+KV store, SiLU-and-mul), then the GEMV at 1, 3 and 8 rows (k not a multiple of its
+256-element rounds; 2 and 4 columns per warp), and with SiLU-and-mul or rotary + KV store in
+its epilogue.
 Launched back to back, the kernels also run as dependent launches (csrc/launch.h) here.
 """
 
@@ -37,9 +38,9 @@ def main() -> None:
             tables = tables.view(4, width).to(torch.int32).contiguous()
             q = torch.randn(4, 2 * group, head_dim, device="cuda", generator=g).to(dtype)
             ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-            for splits in (1, 5):
+            for splits, early in ((1, False), (5, False), (1, True), (5, True)):
                 cuda_ops.paged_decode(q, k, v, tables, ctx, 0.1, num_splits=splits,
-                                      min_chunk=64)
+                                      min_chunk=64, early_kv=early)
     pool = torch.randn(3, 2, 40, 16, 2, 128, device="cuda", generator=g).bfloat16()
     key = torch.randn(5, 2, 128, device="cuda", generator=g).bfloat16()
     cuda_ops.store_kv(key, key, pool[0, 0], pool[0, 1],

@@ -242,9 +242,9 @@ none = torch.empty(0, device=dev)
 key, pool = torch.zeros(3, 2, 80, **bf), torch.zeros(1, 2, 4, 16, 2, 64, **bf)
 calls = [
     lambda: ops.paged_decode(q, q, cache, cache, tables, lens, none, none, none, none, 0.1, 1,
-                             64),
+                             64, False),
     lambda: ops.paged_decode(q[..., :64].cpu(), q[..., :64], cache, cache, tables, lens, none,
-                             none, none, none, 0.1, 1, 64),
+                             none, none, none, 0.1, 1, 64, True),
     lambda: ops.store_kv(key, key, cache, cache, torch.zeros(3, dtype=torch.int32, device=dev)),
     lambda: ops.copy_blocks(pool, pool, torch.zeros(2, dtype=torch.int64, device=dev),
                             torch.zeros(3, dtype=torch.int64, device=dev)),

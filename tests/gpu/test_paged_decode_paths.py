@@ -78,7 +78,8 @@ def test_split_combine_from_an_unaligned_workspace():
     out = torch.full_like(q, float("nan"))
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
     error = cuda_ops._ops().paged_decode(out, q, k_cache, v_cache, tables, ctx, partial_out,
-                                         partial_max, partial_sum, counters, 0.1, splits, 64)
+                                         partial_max, partial_sum, counters, 0.1, splits, 64,
+                                         False)
     assert error == ""
     ref = reference(q, k_cache, v_cache, tables, lens, 0.1)
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)

@@ -16,6 +16,9 @@ from services.worker.ops import cuda_ops
 from services.worker.ops.attn_metadata import AttnMetadata
 from services.worker.ops.flash import flash_attention
 
+# NANOPD_DECODE_EARLY_KV=0: paged_decode reads no K/V before the store kernel ahead of it ends
+_EARLY_KV = os.environ.get("NANOPD_DECODE_EARLY_KV", "1") != "0"
+
 
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -87,8 +90,10 @@ def paged_attention(
     if meta.is_decode_only and q.is_cuda and os.environ.get("NANOPD_ATTN", "auto") in (
             "auto", "cuda") and cuda_ops.load() is not None and cuda_ops.decode_supported(
             q, k_cache):  # our CUDA kernel (csrc/), when built with `make kernels`
+        # early_kv: since the step's previous attention, the only KV written is each
+        # sequence's new token, by the store just before this call (the model's layers)
         return cuda_ops.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                     scale)
+                                     scale, early_kv=_EARLY_KV)
     fast = flash_attention(q, k_cache, v_cache, meta, scale)
     if fast is not None:
         return fast

@@ -110,7 +110,7 @@ def decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 def paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
-    min_chunk: int = MIN_CHUNK, out: torch.Tensor | None = None,
+    min_chunk: int = MIN_CHUNK, out: torch.Tensor | None = None, early_kv: bool = False,
 ) -> torch.Tensor:
     """Decode attention: one query `[num_seqs, num_heads, head_dim]` per sequence over its
     `context_lens[i]` cached tokens (0: a zero output); returns `out` of q's shape.
@@ -121,7 +121,10 @@ def paged_decode(
     query heads per KV head. Each context is cut on the device into at most `num_splits`
     equal chunks (default `choose_num_splits`) of at least `min_chunk` tokens (a multiple of
     64). Nothing here reads a device value or depends on a context length: safe to capture
-    in a CUDA graph. Torch reference: `paged_decode_reference` (ops.attention).
+    in a CUDA graph. `early_kv` promises that the kernel just before this call on the stream
+    wrote no KV slot but each sequence's last (a decode step's own store): the first K/V
+    tiles are then fetched before that kernel has finished (csrc/launch.h). Torch
+    reference: `paged_decode_reference` (ops.attention).
     """
     ops = _ops()
     if not decode_supported(q, k_cache):
@@ -148,7 +151,7 @@ def paged_decode(
         counters = torch.empty(0, dtype=torch.int32, device=q.device)
     _raise_on(ops.paged_decode(out, q, k_cache, v_cache, block_tables, context_lens,
                                partial_out, partial_max, partial_sum, counters, float(scale),
-                               int(num_splits), int(min_chunk)))
+                               int(num_splits), int(min_chunk), bool(early_kv)))
     return out
 
 
