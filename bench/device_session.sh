@@ -14,7 +14,8 @@
 #              without the add + norm split (duration, stall reasons)
 #   ab         decode steps at batch 1-2 with each opt-in path off and on, one process each
 #              (AB="NANOPD_GEMV_FUSE NANOPD_PDL": the variables to flip, default the fused
-#              GEMV; AB_VALUES="0 1 norm": their values, default "0 1")
+#              GEMV; AB_VALUES="0 1 norm": their values, default "0 1"; AB_TAG: a suffix
+#              for the file names of runs under other settings)
 #   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
 #   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi)
 #   kv         bench/kv_transfer.py (two GPUs: cuda:0 -> cuda:1; one: both processes on cuda:0)
@@ -104,8 +105,9 @@ for phase in "$@"; do
     ab)
       for var in ${AB:-NANOPD_GEMV_FUSE}; do
         for val in ${AB_VALUES:-0 1}; do
-          step "ab_${var}_$val" 150 env "$var=$val" python3 bench/decode_step.py --skip-hf \
-            --batches 1,2 --contexts 512,4096 --out "$WORK/ab_${var}_$val.json"
+          tag=${val//\//-}${AB_TAG:+_$AB_TAG}  # a value may be a path; AB_TAG: a run's name
+          step "ab_${var}_$tag" 150 env "$var=$val" python3 bench/decode_step.py --skip-hf \
+            --batches 1,2 --contexts 512,4096 --out "$WORK/ab_${var}_$tag.json"
         done
       done ;;
     prefill)

@@ -1,12 +1,17 @@
 """The model's fused path (ops/fused_ops.py calls, in-place residual stream, q as a view of
 qkv) on CPU: an extension stand-in implements each binding's contract with the torch
 references, so any difference from the torch path is the wiring's, and the two must agree
-bit for bit. The kernels themselves are tested on the GPU (tests/gpu/test_fused.py).
+bit for bit. The kernels themselves are tested on the GPU (tests/gpu/test_fused.py). Also
+the refusal of a bad NANOPD_DECODE_MIN_CHUNK.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -98,3 +103,15 @@ def test_fused_wiring_matches_the_torch_path(tmp_path, shape, monkeypatch):
     assert all(calls.values()), calls
     assert torch.equal(got, want)
     assert got_tokens == want_tokens
+
+
+@pytest.mark.parametrize("value", ["100", "0", "-64", "abc"])
+def test_a_bad_decode_min_chunk_is_refused_at_import(value):
+    """NANOPD_DECODE_MIN_CHUNK (a tuning knob of paged_decode) must be a positive multiple of
+    64: anything else stops the import with a message naming it."""
+    env = {**os.environ, "NANOPD_DECODE_MIN_CHUNK": value}
+    done = subprocess.run([sys.executable, "-c", "import services.worker.ops.cuda_ops"],
+                          env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode != 0
+    assert f"NANOPD_DECODE_MIN_CHUNK={value!r}: must be a positive multiple of 64" in done.stderr

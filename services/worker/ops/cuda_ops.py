@@ -22,7 +22,18 @@ ROOT = Path(__file__).resolve().parents[3]
 # NANOPD_KERNELS_DIR: another build (csrc/build.py --variant) for tuning runs
 BUILD_DIR = Path(os.environ.get("NANOPD_KERNELS_DIR", ROOT / "build" / "kernels"))
 NAME = "nanopd_kernels"
-MIN_CHUNK = 128   # tokens: paged_decode splits no sequence into chunks shorter than this
+
+
+def _min_chunk_from_env() -> int:
+    value = os.environ.get("NANOPD_DECODE_MIN_CHUNK", "128")
+    if not value.isdigit() or int(value) == 0 or int(value) % 64:
+        raise ValueError(f"NANOPD_DECODE_MIN_CHUNK={value!r}: must be a positive multiple of 64")
+    return int(value)
+
+
+# tokens: paged_decode splits no sequence into chunks shorter than this
+# (NANOPD_DECODE_MIN_CHUNK, for tuning runs)
+MIN_CHUNK = _min_chunk_from_env()
 MAX_SPLITS = 32   # chunks per sequence at most (the kernel takes up to 256)
 
 _module: ModuleType | None = None
