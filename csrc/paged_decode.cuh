@@ -52,8 +52,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int g = lane / 4, t = lane % 4;
   constexpr int kStride = kWarps * kTile;  // tokens between a warp's consecutive tiles
 
-  // One round trip before the first K/V copy, not three: the context length, the Q fragments
-  // and the block-table entries of this warp's first kStages tiles are loaded together. The
+  // One round trip before the first K/V copy, not three: the context length and the
+  // block-table entries of this warp's first kStages tiles are loaded together (Q after the
+  // wait for the previous kernel, which writes it). The
   // entries are a guess, those of the chunk that starts at split * min_chunk: right for split
   // 0 and whenever the chunk is min_chunk (ctx <= max_splits * min_chunk: the short contexts,
   // where latency is all there is); otherwise reloaded below. A guessed index stays inside the

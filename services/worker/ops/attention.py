@@ -90,8 +90,8 @@ def paged_attention(
     if meta.is_decode_only and q.is_cuda and os.environ.get("NANOPD_ATTN", "auto") in (
             "auto", "cuda") and cuda_ops.load() is not None and cuda_ops.decode_supported(
             q, k_cache):  # our CUDA kernel (csrc/), when built with `make kernels`
-        # early_kv: since the step's previous attention, the only KV written is each
-        # sequence's new token, by the store just before this call (the model's layers)
+        # early_kv: in a decode step the kernel just before this one is the layer's store,
+        # which writes no KV but each sequence's new token (the model's layers)
         return cuda_ops.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                      scale, early_kv=_EARLY_KV)
     fast = flash_attention(q, k_cache, v_cache, meta, scale)
