@@ -31,7 +31,8 @@ OUT=${OUT:-out}
 WORK=/tmp/nanopd-session
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
-VARIANTS=${VARIANTS:-"l2none:NANOPD_L2_PREFETCH=0 l2x256:NANOPD_L2_PREFETCH=256 w2s4:NANOPD_DECODE_WARPS=2,NANOPD_DECODE_STAGES=4"}
+# unset: the decode-attention tuning builds below; set, even to '': only those named
+VARIANTS=${VARIANTS-"l2none:NANOPD_L2_PREFETCH=0 l2x256:NANOPD_L2_PREFETCH=256 w2s4:NANOPD_DECODE_WARPS=2,NANOPD_DECODE_STAGES=4"}
 
 collect() { tar -czf "$OUT/session.tar.gz" -C "$WORK" . 2>/dev/null; }
 
