@@ -17,7 +17,8 @@
 #              GEMV; AB_VALUES="0 1 norm": their values, default "0 1"; AB_TAG: a suffix
 #              for the file names of runs under other settings)
 #   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
-#   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi)
+#   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi,
+#              which bench/make_fi.py makes; FI_ARGS=--tensor-cores adds its tensor-core decode)
 #   kv         bench/kv_transfer.py (two GPUs: cuda:0 -> cuda:1; one: both processes on cuda:0)
 #   mesh       bench/mesh_gpu.py: the whole mesh as processes on the GPU(s) (carry .whl, .tok:
 #              bench/carry.sh makes them)
@@ -115,7 +116,8 @@ for phase in "$@"; do
       step prefill_attention 120 python3 bench/prefill_attention.py \
         --out "$WORK/prefill_attention.json" ;;
     flashinfer)
-      step flashinfer 300 python3 bench/flashinfer_decode.py --out "$WORK/flashinfer.json" ;;
+      step flashinfer 300 python3 bench/flashinfer_decode.py ${FI_ARGS:-} \
+        --out "$WORK/flashinfer.json" ;;
     kv)
       step kv_transfer 240 python3 bench/kv_transfer.py --out "$WORK/kv_transfer.json" ;;
     mesh)

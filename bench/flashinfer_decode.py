@@ -1,10 +1,11 @@
 """FlashInfer's batch decode over a paged KV cache, on bench/kernels.py's shapes and timing.
 
 FlashInfer is not on the GPU machine: a trimmed flashinfer-python 0.7.2.post1 travels in the
-ignored folder .fi/ (carry `.fi`), with its batch-decode module prebuilt for sm_90a (bf16,
-head dim 128 and 64) and the apache-tvm-ffi cp312 wheel that it imports (installed here into
-/tmp/nanopd_fi_site when `import tvm_ffi` fails); .fi/README.txt says what was trimmed and
-changed. No PYTHONPATH needed. From the repo root on the GPU machine:
+ignored folder .fi/ (carry `.fi`; `bench/make_fi.py` makes it on the development machine),
+with its batch-decode and fa2 prefill modules prebuilt for sm_90a (bf16, head dim 128 and
+64) and the apache-tvm-ffi cp312 and nvidia-ml-py wheels that it imports (installed here into
+/tmp/nanopd_fi_site when `import tvm_ffi` fails); .fi/README.txt says what was trimmed. No
+PYTHONPATH needed. From the repo root on the GPU machine:
 
     PYTHONUNBUFFERED=1 timeout 300 python3 bench/flashinfer_decode.py --out $OUT/flashinfer.json
 
@@ -15,8 +16,8 @@ its output (poisoned first) checked against torch SDPA (enable_gqa) on contiguou
 same data, and SDPA timed too. GB/s counts K/V bytes read + q + out, as bench/kernels.py does.
 host_enqueue_s is one run() call's host time while the GPU is busy: where it exceeds the
 Timer's sleep before each call (about 50 us), host overhead leaks into the timed region.
---tensor-cores adds FlashInfer's tensor-core decode (its fa2 prefill kernel, JIT-built there,
-after all the plain decode rows are saved).
+--tensor-cores adds FlashInfer's tensor-core decode (its fa2 prefill kernels, prebuilt in
+.fi/ by make_fi.py, else JIT-built there), after all the plain decode rows are saved.
 
 It never fails the device step (bench/guarded.py): the measuring runs in a child process under
 --timeout-s (older FlashInfer builds died of SIGSEGV there), the JSON is rewritten after every
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=30, help="timed calls; the median is reported")
     p.add_argument("--workspace-mb", type=int, default=128, help="FlashInfer float workspace")
     p.add_argument("--tensor-cores", action="store_true",
-                   help="also time use_tensor_cores=True (fa2 prefill kernel; JIT-built there)")
+                   help="also time use_tensor_cores=True (fa2 prefill kernels)")
     p.add_argument("--fi-dir", default=str(FI_DIR), help="the trimmed FlashInfer folder")
     p.add_argument("--timeout-s", type=float, default=270.0,
                    help="the measuring child is killed after this long")
@@ -216,7 +217,7 @@ def bench_row(kernels, timer, wrapper, args, head_dim: int, batch: int,
 
 VARIANTS = {  # name: BatchDecodeWithPagedKVCacheWrapper keyword arguments
     "decode": {"backend": "fa2"},  # the CUDA-core decode kernel: the carried .so
-    "tensor-cores": {"backend": "fa2", "use_tensor_cores": True},  # fa2 prefill kernel, JIT
+    "tensor-cores": {"backend": "fa2", "use_tensor_cores": True},  # fa2 prefill kernels
 }
 
 
