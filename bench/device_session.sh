@@ -105,6 +105,7 @@ for phase in "$@"; do
         --launch-skip 10 --section SpeedOfLight --section WarpStateStats --section LaunchStats \
         --section Occupancy --section SchedulerStats python3 bench/gemv_ncu.py ;;
     ab)
+      wait  # the variant builds (a value may be one: NANOPD_KERNELS_DIR=build/kernels-NAME)
       for var in ${AB:-NANOPD_GEMV_FUSE}; do
         for val in ${AB_VALUES:-0 1}; do
           tag=${val//\//-}${AB_TAG:+_$AB_TAG}  # a value may be a path; AB_TAG: a run's name

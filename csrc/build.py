@@ -26,7 +26,8 @@ SOURCES = ["bindings.cpp", "paged_decode.cu", "kv_store.cu", "kv_copy.cu", "fuse
            "fused.cu", "gemv_bindings.cpp", "gemv.cu", "gemv_fused.cu"]
 HEADERS = ["nanopd_kernels.h", "binding_checks.h", "device_utils.cuh",
            "paged_decode.cuh", "paged_decode_split.cuh", "fused_kernels.h", "gemv.h",
-           "launch.h", "gemv.cuh", "fused_math.cuh", "fused_bindings.h"]  # for readers
+           "launch.h", "gemv.cuh", "gemv_epilogue.cuh", "gemv_stream.cuh", "fused_math.cuh",
+           "fused_bindings.h"]  # for readers
 
 
 def build(verbose: bool = False, ptxas_info: bool = False, variant: str | None = None,

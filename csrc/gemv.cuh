@@ -7,12 +7,21 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "device_utils.cuh"
 #include "fused_math.cuh"  // scale_by_weight, warp_total (a NORM prologue)
 #include "gemv.h"
 
 namespace nanopd {
 namespace gemv {
+
+#ifndef NANOPD_GEMV_EARLY_W  // 1: a GEMV's first round of weights is loaded before its PDL wait
+#define NANOPD_GEMV_EARLY_W 1
+#endif
+#ifndef NANOPD_GEMV_PIN_ALL  // with EARLY_W, 1: every round's loads pinned, 0: the first's only
+#define NANOPD_GEMV_PIN_ALL 1
+#endif
 
 constexpr int kWarps = 4;  // 128 threads: small layers still spread over every SM
 constexpr int kPiece = 8;  // elements per 16-byte load
@@ -132,55 +141,67 @@ __device__ __forceinline__ const uint4* norm_rows_to_shared(const GemvParams& p,
   return xs;
 }
 
+struct NoOp {
+  __device__ void operator()() const {}
+};
+
 // acc[m][r] = this lane's part of x[m] . w_rows[r]; x rows x_stride_row apart. NORM: x[m] is
 // a residual row and the sums are over RMSNorm(x[m]) (nm, gemv.h), which the block writes
 // into shared memory (norm_rows_to_shared) while its first round of weight loads is in
 // flight; every thread of the block must call it (a barrier).
-template <typename T, int M, int R, bool NORM = false>
+// EARLY (NANOPD_GEMV_EARLY_W): the first round's weight loads are issued before wait(), the
+// wait for the kernel that writes x (pdl_wait), so their DRAM trip overlaps it; without it,
+// wait() has run before and the first round was only fetched into the L2.
+// UNROLL: pieces a round if not the default (unroll<M>(); 6 for NORM at 4 columns).
+template <typename T, int M, int R, bool NORM = false, bool EARLY = false, int UNROLL = 0,
+          typename Wait = NoOp>
 __device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64_t x_stride_row,
                                           const T* const (&w_rows)[R], int lane,
                                           float (&acc)[M][R],
-                                          const GemvNormParams* nm = nullptr) {
+                                          const GemvNormParams* nm = nullptr,
+                                          Wait&& wait = {}) {
   // NORM at 4 columns: 6 pieces a round (a 1536-wide row in one), fewer registers held
   // across the prologue's barrier
-  constexpr int U = NORM && R == 4 ? 6 : unroll<M>();
+  constexpr int U = UNROLL > 0 ? UNROLL : NORM && R == 4 ? 6 : unroll<M>();
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
   const uint4* xs = nullptr;  // NORM: the normed rows
-  // NORM: every lane runs the first round (with nothing to load past k_dim): its barrier
-  bool first = NORM;
-  for (int k0 = lane * kPiece; first || k0 < p.k_dim; k0 += U * kLaneStride) {
+  // One round of U pieces a row from k0: every weight load first (PINNED: kept ahead by the
+  // compiler, each with its own registers in the SASS), then the first round's wait (EARLY)
+  // and NORM's prologue, then x, then the arithmetic
+  const auto round = [&](int k0, bool first, auto pinned_tag) {
+    constexpr bool PINNED = decltype(pinned_tag)::value;
     uint4 wv[U][R], xv[U][M];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {  // every load of this round first, then the arithmetic
+    for (int u = 0; u < U; ++u) {
       const int k = k0 + u * kLaneStride;
       const bool valid = k < p.k_dim;  // loads past k_dim are not made: zeros instead
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         wv[u][r] = !valid ? make_uint4(0, 0, 0, 0)
-                   : NORM ? load_streaming_pinned(w_rows[r] + k)
-                          : load_streaming(w_rows[r] + k);
+                   : PINNED ? load_streaming_pinned(w_rows[r] + k)
+                            : load_streaming(w_rows[r] + k);
       }
-      if constexpr (!NORM) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          xv[u][m] = valid ? *reinterpret_cast<const uint4*>(x + m * x_stride_row + k)
-                           : make_uint4(0, 0, 0, 0);
-        }
-      }
+    }
+    if constexpr (EARLY) {
+      if (first) wait();
     }
     if constexpr (NORM) {
       if (first) xs = norm_rows_to_shared<T, M>(p, *nm);
-      first = false;
-      const int pieces = p.k_dim / kPiece;
+    }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int k = k0 + u * kLaneStride;
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * kLaneStride;
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          xv[u][m] = k < p.k_dim ? xs[m * pieces + k / kPiece] : make_uint4(0, 0, 0, 0);
+      for (int m = 0; m < M; ++m) {
+        if constexpr (NORM) {
+          xv[u][m] = k < p.k_dim ? xs[m * (p.k_dim / kPiece) + k / kPiece]
+                                 : make_uint4(0, 0, 0, 0);
+        } else {
+          xv[u][m] = k < p.k_dim ? *reinterpret_cast<const uint4*>(x + m * x_stride_row + k)
+                                 : make_uint4(0, 0, 0, 0);
         }
       }
     }
@@ -199,6 +220,18 @@ __device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64
           for (int e = 0; e < 8; ++e) acc[m][r] = fmaf(xf[e], wf[r][e], acc[m][r]);
       }
     }
+  };
+  if constexpr (EARLY && !NANOPD_GEMV_PIN_ALL) {  // the first round alone pinned: peeled
+    round(lane * kPiece, true, std::true_type{});  // every lane (even past k_dim): the wait
+    for (int k0 = lane * kPiece + U * kLaneStride; k0 < p.k_dim; k0 += U * kLaneStride) {
+      round(k0, false, std::integral_constant<bool, NORM>{});
+    }
+  } else {  // one loop; NORM, EARLY: every lane runs the first round: its barrier, its wait
+    bool first = NORM || EARLY;
+    for (int k0 = lane * kPiece; first || k0 < p.k_dim; k0 += U * kLaneStride) {
+      round(k0, first, std::integral_constant<bool, NORM || EARLY>{});
+      first = false;
+    }
   }
 }
 
@@ -213,27 +246,36 @@ __device__ __forceinline__ void warp_sums(float (&acc)[M][R]) {
       for (int o = 16; o > 0; o /= 2) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], o);
 }
 
-struct NoOp {
-  __device__ void operator()() const {}
-};
-
 // The kernels' common body: this warp's R weight rows from column (or pair) c0, their first
-// round prefetched before the wait for the previous kernel, then acc[m][r] = the warp's full
+// round loaded (NANOPD_GEMV_EARLY_W; else fetched into the L2) before the wait for the
+// previous kernel, then acc[m][r] = the warp's full
 // sum x[m] . w_rows[r] (of RMSNorm(x[m]) with NORM), in every lane. Launched with PDL
-// (launch.h): x is read after the wait, and so is whatever after_wait() loads.
-template <typename T, int M, int R, bool NORM = false, typename AfterWait = NoOp>
+// (launch.h): x is read after the wait, and so is whatever after_wait() loads;
+// before_wait() loads what the predecessor cannot be writing (launch.h).
+template <typename T, int M, int R, bool NORM = false, int UNROLL = 0, typename AfterWait = NoOp,
+          typename BeforeWait = NoOp>
 __device__ __forceinline__ void column_sums(const GemvParams& p, int c0, int pair_stride,
                                             int lane, float (&acc)[M][R],
                                             const GemvNormParams* nm = nullptr,
-                                            AfterWait&& after_wait = {}) {
+                                            AfterWait&& after_wait = {},
+                                            BeforeWait&& before_wait = {}) {
   const T* w_rows[R];
   weight_rows<T, R>(p, c0, pair_stride, w_rows);
+  const auto wait = [&] {
+    before_wait();
+    pdl_wait();
+    pdl_launch_dependents();
+    after_wait();
+  };
+#if NANOPD_GEMV_EARLY_W
+  lane_sums<T, M, R, NORM, true, UNROLL>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows,
+                                         lane, acc, nm, wait);
+#else
   prefetch_first_round<T, M, R>(p, w_rows, lane);
-  pdl_wait();
-  pdl_launch_dependents();
-  after_wait();
-  lane_sums<T, M, R, NORM>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows, lane, acc,
-                           nm);
+  wait();
+  lane_sums<T, M, R, NORM, false, UNROLL>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows,
+                                          lane, acc, nm);
+#endif
   warp_sums(acc);
 }
 

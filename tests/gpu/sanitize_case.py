@@ -73,6 +73,12 @@ def main() -> None:
             gemv_ops.linear_rotary_store_kv(
                 xg, wq, None, torch.tensor([3, 70][:rows], device="cuda"), cos, cos, 12, 2, 128,
                 pool[2, 0], pool[2, 1], torch.tensor([5, -1][:rows], device="cuda"))
+        # one row of a qkv wider than a wave (48 + 2 x 8 heads): the streaming kernel
+        wq = torch.randn((48 + 2 * 8) * 128, 1000, device="cuda", generator=g).bfloat16()
+        kv = torch.zeros(2, 4, 16, 8, 128, device="cuda").bfloat16()
+        gemv_ops.linear_rotary_store_kv(
+            xg[:1], wq, None, torch.tensor([3], device="cuda"), cos, cos, 48, 8, 128, kv[0],
+            kv[1], torch.tensor([5], device="cuda"))
     if hasattr(cuda_ops.load(), "gemv_add"):  # the add + norm split around the GEMVs
         for rows, n in ((1, 1000), (2, 1001)):
             residual = torch.randn(rows, n, device="cuda", generator=g).bfloat16()
@@ -81,6 +87,10 @@ def main() -> None:
             summed = gemv_ops.linear_add(xg, wg, None, residual)
             w_norm = torch.randn(n, device="cuda", generator=g).bfloat16()
             norm = gemv_ops.Norm(summed.sums, w_norm, 1e-6)
+            if rows == 1:  # a long row: 16 pieces a round
+                xd = torch.randn(1, 4096, device="cuda", generator=g).bfloat16()
+                wd = torch.randn(n, 4096, device="cuda", generator=g).bfloat16()
+                gemv_ops.linear_add(xd, wd, None, residual)
             if n % 8 == 0:  # a normed GEMV takes k a multiple of 8
                 w_in = torch.randn(9000, n, device="cuda", generator=g).bfloat16()
                 gemv_ops.linear_normed(residual, w_in, None, norm)
