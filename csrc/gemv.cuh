@@ -17,7 +17,7 @@ namespace nanopd {
 namespace gemv {
 
 #ifndef NANOPD_GEMV_EARLY_W  // 1: a GEMV's first round of weights is loaded before its PDL wait
-#define NANOPD_GEMV_EARLY_W 1
+#define NANOPD_GEMV_EARLY_W 1  // but at 4 columns without NORM (2: everywhere)
 #endif
 #ifndef NANOPD_GEMV_PIN_ALL  // with EARLY_W, 1: every round's loads pinned, 0: the first's only
 #define NANOPD_GEMV_PIN_ALL 1
@@ -267,15 +267,18 @@ __device__ __forceinline__ void column_sums(const GemvParams& p, int c0, int pai
     pdl_launch_dependents();
     after_wait();
   };
-#if NANOPD_GEMV_EARLY_W
-  lane_sums<T, M, R, NORM, true, UNROLL>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows,
-                                         lane, acc, nm, wait);
-#else
-  prefetch_first_round<T, M, R>(p, w_rows, lane);
-  wait();
-  lane_sums<T, M, R, NORM, false, UNROLL>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows,
-                                          lane, acc, nm);
-#endif
+  // not the plain 4-column GEMV: holding its first round across the wait took 193-243
+  // registers instead of 138-146, and alone at two rows it was 28% slower
+  constexpr bool kEarly = NANOPD_GEMV_EARLY_W == 2 || (NANOPD_GEMV_EARLY_W && (R == 2 || NORM));
+  if constexpr (kEarly) {
+    lane_sums<T, M, R, NORM, true, UNROLL>(p, static_cast<const T*>(p.x), p.x_stride_row, w_rows,
+                                           lane, acc, nm, wait);
+  } else {
+    prefetch_first_round<T, M, R>(p, w_rows, lane);
+    wait();
+    lane_sums<T, M, R, NORM, false, UNROLL>(p, static_cast<const T*>(p.x), p.x_stride_row,
+                                            w_rows, lane, acc, nm);
+  }
   warp_sums(acc);
 }
 
