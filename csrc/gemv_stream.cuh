@@ -133,9 +133,11 @@ __global__ void __launch_bounds__(kThreads, U <= 6 ? 3 : 2)
   }
 }
 
-// Resident blocks of kernel on this device, all SMs (asked once per kernel and device)
-template <typename Kernel>
-int resident_blocks(Kernel kernel) {
+// Resident blocks of gemv_stream_kernel<T, U, EPI, NORM> on this device, all SMs (asked once
+// per kernel and device: the cache is per instantiation, as the kernels' occupancies differ)
+template <typename T, int U, int EPI, bool NORM>
+int resident_blocks() {
+  const auto kernel = gemv_stream_kernel<T, U, EPI, NORM>;
   constexpr int kMaxDevices = 64;
   static int cached[kMaxDevices] = {};  // 0: not asked yet (a race only asks twice)
   int device = 0;
@@ -160,13 +162,13 @@ inline bool stream_allowed() {  // NANOPD_GEMV_STREAM not "0", read at each laun
 template <typename T, int U, int EPI, bool NORM>
 cudaError_t launch_stream_u(const GemvFusedParams& q, cudaStream_t stream, bool* launched) {
   constexpr int C = kPaired<EPI> ? 1 : 2;
-  const auto kernel = gemv_stream_kernel<T, U, EPI, NORM>;
   const int64_t groups = ((kPaired<EPI> ? q.gemv.n_dim / 2 : q.gemv.n_dim) + C - 1) / C;
-  const int64_t resident = resident_blocks(kernel);
+  const int64_t resident = resident_blocks<T, U, EPI, NORM>();
   // worth it only where each warp gets more than one group: else the one-group kernel
   if (resident <= 0 || groups <= resident * kWarps) return cudaSuccess;
   *launched = true;
-  return launch_kernel(kernel, dim3((unsigned)resident), dim3(kThreads), 0, stream, q);
+  return launch_kernel(gemv_stream_kernel<T, U, EPI, NORM>, dim3((unsigned)resident),
+                       dim3(kThreads), 0, stream, q);
 }
 
 // The streaming kernel if it takes q (one row, not ADD, k_dim <= 2048, more groups than warps
@@ -177,9 +179,10 @@ cudaError_t launch_stream(const GemvFusedParams& q, cudaStream_t stream, bool* l
   if constexpr (M != 1 || EPI == NANOPD_GEMV_ADD) {
     return cudaSuccess;
   } else {
-    if (!stream_allowed() || q.gemv.k_dim > kStreamMaxK) return cudaSuccess;
-    if (q.gemv.k_dim <= 4 * kLaneStride) return launch_stream_u<T, 4, EPI, NORM>(q, stream, launched);
-    if (q.gemv.k_dim <= 6 * kLaneStride) return launch_stream_u<T, 6, EPI, NORM>(q, stream, launched);
+    const int k = q.gemv.k_dim;
+    if (!stream_allowed() || k > kStreamMaxK) return cudaSuccess;
+    if (k <= 4 * kLaneStride) return launch_stream_u<T, 4, EPI, NORM>(q, stream, launched);
+    if (k <= 6 * kLaneStride) return launch_stream_u<T, 6, EPI, NORM>(q, stream, launched);
     return launch_stream_u<T, 8, EPI, NORM>(q, stream, launched);
   }
 }
