@@ -10,8 +10,10 @@ machine, this Python's for the build) and nvidia-ml-py; builds, for sm_90a, the 
 benchmark calls (bf16, head dims 128 and 64): the CUDA-core batch decode
 (`use_tensor_cores=False`) and the fa2 prefill kernels that FlashInfer's tensor-core decode
 runs (`use_tensor_cores=True`: its primary and its paged module); and assembles .fi/ with
-  flashinfer/  the package without its JIT sources and the subpackages nothing imports,
-               the built modules under data/aot/ (where FlashInfer looks for prebuilt ones)
+  flashinfer/  the package without its JIT sources (but for the batch_decode* and
+               batch_prefill* templates and sources in data/csrc/, which its module
+               generators read even for a prebuilt module) and the subpackages nothing
+               imports; the built modules under data/aot/ (where FlashInfer looks for them)
   wheels/      tvm_ffi for cp312 and nvidia-ml-py (flashinfer_decode.py pip-installs them
                into /tmp there)
   stubs/       an empty libcuda.so (soname libcuda.so.1) for a JIT link, should one happen
@@ -140,7 +142,8 @@ def main() -> None:
     shutil.copytree(stubs, out / "stubs")
     (out / "README.txt").write_text(textwrap.dedent(f"""\
         Made by bench/make_fi.py from {FLASHINFER}, {TVM_FFI} (cp312) and {PYNVML}.
-        flashinfer/: the package without its .cu sources and data/ (JIT sources, CUTLASS),
+        flashinfer/: the package without its .cu sources and data/ (JIT sources, CUTLASS)
+        but for data/csrc/{KEEP_CSRC[0]}* and {KEEP_CSRC[1]}* (what the generators read),
         and without the files of {", ".join(HEAVY)} that `import flashinfer` does not load;
         data/aot/ holds these modules, built for sm_90a with nvcc ({cuda_home}):
         """) + "".join(f"  {name}\n" for name, _ in built))
