@@ -7,8 +7,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include <type_traits>
-
 #include "device_utils.cuh"
 #include "fused_math.cuh"  // scale_by_weight, warp_total (a NORM prologue)
 #include "gemv.h"
@@ -18,9 +16,6 @@ namespace gemv {
 
 #ifndef NANOPD_GEMV_EARLY_W  // 1: a GEMV's first round of weights is loaded before its PDL wait
 #define NANOPD_GEMV_EARLY_W 1  // but at 4 columns without NORM (2: everywhere)
-#endif
-#ifndef NANOPD_GEMV_PIN_ALL  // with EARLY_W, 1: every round's loads pinned, 0: the first's only
-#define NANOPD_GEMV_PIN_ALL 1
 #endif
 
 constexpr int kWarps = 4;  // 128 threads: small layers still spread over every SM
@@ -145,6 +140,45 @@ struct NoOp {
   __device__ void operator()() const {}
 };
 
+// One round of this lane's weight loads: U pieces of each of the R rows from k0, zeros past
+// k_dim (no load made). PINNED (volatile asm): kept where written, each load with its own
+// registers in the SASS; without, ptxas may sink them next to their use.
+template <typename T, int U, int R, bool PINNED>
+__device__ __forceinline__ void load_round(const GemvParams& p, const T* const (&w_rows)[R],
+                                           int k0, uint4 (&wv)[U][R]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int k = k0 + u * kLaneStride;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      wv[u][r] = k >= p.k_dim ? make_uint4(0, 0, 0, 0)
+                 : PINNED     ? load_streaming_pinned(w_rows[r] + k)
+                              : load_streaming(w_rows[r] + k);
+    }
+  }
+}
+
+// acc[m][r] += x[m] . w[r] over one round's pieces, in piece order (every kernel's order)
+template <typename T, int U, int M, int R>
+__device__ __forceinline__ void fma_round(const uint4 (&wv)[U][R], const uint4 (&xv)[U][M],
+                                          float (&acc)[M][R]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    float wf[R][8];
+#pragma unroll
+    for (int r = 0; r < R; ++r) unpack8<T>(wv[u][r], wf[r]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xf[8];
+      unpack8<T>(xv[u][m], xf);
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[m][r] = fmaf(xf[e], wf[r][e], acc[m][r]);
+    }
+  }
+}
+
 // acc[m][r] = this lane's part of x[m] . w_rows[r]; x rows x_stride_row apart. NORM: x[m] is
 // a residual row and the sums are over RMSNorm(x[m]) (nm, gemv.h), which the block writes
 // into shared memory (norm_rows_to_shared) while its first round of weight loads is in
@@ -168,29 +202,22 @@ __device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
   const uint4* xs = nullptr;  // NORM: the normed rows
-  // One round of U pieces a row from k0: every weight load first (PINNED: kept ahead by the
-  // compiler, each with its own registers in the SASS), then the first round's wait (EARLY)
-  // and NORM's prologue, then x, then the arithmetic
-  const auto round = [&](int k0, bool first, auto pinned_tag) {
-    constexpr bool PINNED = decltype(pinned_tag)::value;
+  // Each round: every weight load first (pinned for NORM and EARLY: measured, pinning only
+  // EARLY's first round let ptxas reuse registers in the later rounds and the step was 4%
+  // slower), then the first round's wait (EARLY) and NORM's prologue, then x, then the sums.
+  // NORM, EARLY: every lane runs the first round (even with nothing to load past k_dim): its
+  // barrier, its wait.
+  bool first = NORM || EARLY;
+  for (int k0 = lane * kPiece; first || k0 < p.k_dim; k0 += U * kLaneStride) {
     uint4 wv[U][R], xv[U][M];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * kLaneStride;
-      const bool valid = k < p.k_dim;  // loads past k_dim are not made: zeros instead
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        wv[u][r] = !valid ? make_uint4(0, 0, 0, 0)
-                   : PINNED ? load_streaming_pinned(w_rows[r] + k)
-                            : load_streaming(w_rows[r] + k);
-      }
-    }
+    load_round<T, U, R, NORM || EARLY>(p, w_rows, k0, wv);
     if constexpr (EARLY) {
       if (first) wait();
     }
     if constexpr (NORM) {
       if (first) xs = norm_rows_to_shared<T, M>(p, *nm);
     }
+    first = false;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * kLaneStride;
@@ -205,33 +232,7 @@ __device__ __forceinline__ void lane_sums(const GemvParams& p, const T* x, int64
         }
       }
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float wf[R][8];
-#pragma unroll
-      for (int r = 0; r < R; ++r) unpack8<T>(wv[u][r], wf[r]);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float xf[8];
-        unpack8<T>(xv[u][m], xf);
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[m][r] = fmaf(xf[e], wf[r][e], acc[m][r]);
-      }
-    }
-  };
-  if constexpr (EARLY && !NANOPD_GEMV_PIN_ALL) {  // the first round alone pinned: peeled
-    round(lane * kPiece, true, std::true_type{});  // every lane (even past k_dim): the wait
-    for (int k0 = lane * kPiece + U * kLaneStride; k0 < p.k_dim; k0 += U * kLaneStride) {
-      round(k0, false, std::integral_constant<bool, NORM>{});
-    }
-  } else {  // one loop; NORM, EARLY: every lane runs the first round: its barrier, its wait
-    bool first = NORM || EARLY;
-    for (int k0 = lane * kPiece; first || k0 < p.k_dim; k0 += U * kLaneStride) {
-      round(k0, first, std::integral_constant<bool, NORM || EARLY>{});
-      first = false;
-    }
+    fma_round<T, U, M, R>(wv, xv, acc);
   }
 }
 

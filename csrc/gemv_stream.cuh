@@ -28,40 +28,13 @@ namespace gemv {
 
 constexpr int kStreamMaxK = 8 * kLaneStride;  // one round of 8 pieces a lane: k_dim <= 2048
 
-// One group's U pieces of its R weight rows (zeros past k_dim; PINNED: kept where written)
-template <typename T, int U, int R, bool PINNED>
-__device__ __forceinline__ void load_group(const GemvParams& p, const T* const (&w_rows)[R],
-                                           int lane, uint4 (&wv)[U][R]) {
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int k = lane * kPiece + u * kLaneStride;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      wv[u][r] = k >= p.k_dim ? make_uint4(0, 0, 0, 0)
-                 : PINNED     ? load_streaming_pinned(w_rows[r] + k)
-                              : load_streaming(w_rows[r] + k);
-    }
-  }
-}
-
 // acc[0][r] = the warp's sum of x . w_rows[r] over one round (lane_sums' order), every lane
 template <typename T, int U, int R>
-__device__ __forceinline__ void group_sums(const uint4 (&wv)[U][R], const uint4 (&xv)[U],
+__device__ __forceinline__ void group_sums(const uint4 (&wv)[U][R], const uint4 (&xv)[U][1],
                                            float (&acc)[1][R]) {
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[0][r] = 0.f;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    float xf[8];
-    unpack8<T>(xv[u], xf);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float wf[8];
-      unpack8<T>(wv[u][r], wf);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[0][r] = fmaf(xf[e], wf[e], acc[0][r]);
-    }
-  }
+  fma_round<T, U, 1, R>(wv, xv, acc);
   warp_sums(acc);
 }
 
@@ -81,23 +54,23 @@ __global__ void __launch_bounds__(kThreads, U <= 6 ? 3 : 2)
   const T* w_rows[R];
   uint4 wa[U][R], wb[U][R];
   weight_rows<T, R>(p, min(g, groups - 1) * C, pair_stride, w_rows);
-  load_group<T, U, R, true>(p, w_rows, lane, wa);  // before the wait: the weights are old
+  load_round<T, U, R, true>(p, w_rows, lane * kPiece, wa);  // before the wait: the weights are old
   pdl_wait();
   pdl_launch_dependents();
-  uint4 xv[U];  // this lane's pieces of x, the same for every group
+  uint4 xv[U][1];  // this lane's pieces of x, the same for every group
   if constexpr (NORM) {
     const uint4* xs = norm_rows_to_shared<T, 1>(p, q.norm);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = lane * kPiece + u * kLaneStride;
-      xv[u] = k < p.k_dim ? xs[k / kPiece] : make_uint4(0, 0, 0, 0);
+      xv[u][0] = k < p.k_dim ? xs[k / kPiece] : make_uint4(0, 0, 0, 0);
     }
   } else {
     const T* x = static_cast<const T*>(p.x);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = lane * kPiece + u * kLaneStride;
-      xv[u] = k < p.k_dim ? *reinterpret_cast<const uint4*>(x + k) : make_uint4(0, 0, 0, 0);
+      xv[u][0] = k < p.k_dim ? *reinterpret_cast<const uint4*>(x + k) : make_uint4(0, 0, 0, 0);
     }
   }
   const auto finish = [&](const uint4(&wv)[U][R], int group) {
@@ -118,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, U <= 6 ? 3 : 2)
     int next = g + stride;
     if (next < groups) {
       weight_rows<T, R>(p, next * C, pair_stride, w_rows);
-      load_group<T, U, R, false>(p, w_rows, lane, wb);
+      load_round<T, U, R, false>(p, w_rows, lane * kPiece, wb);
     }
     finish(wa, g);
     g = next;
@@ -126,7 +99,7 @@ __global__ void __launch_bounds__(kThreads, U <= 6 ? 3 : 2)
     next = g + stride;
     if (next < groups) {
       weight_rows<T, R>(p, next * C, pair_stride, w_rows);
-      load_group<T, U, R, false>(p, w_rows, lane, wa);
+      load_round<T, U, R, false>(p, w_rows, lane * kPiece, wa);
     }
     finish(wb, g);
     g = next;
