@@ -22,7 +22,8 @@
 // add's, and NORM's x differs from rms_norm's only where the other order of the sum moves
 // the inverse RMS. The epilogues are in gemv_epilogue.cuh. One row of a layer wider than a
 // wave of blocks goes to gemv_stream.cuh's kernel instead; ADD at one row of a long k_dim
-// (down_proj) loads 16 pieces a round (NANOPD_GEMV_DEEP_ADD), the same sums in the same order.
+// (down_proj) loads 16 or 18 pieces a round (NANOPD_GEMV_DEEP_ADD, NANOPD_GEMV_DEEP18), the
+// same sums in the same order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -40,6 +41,9 @@ using namespace gemv;
 #define NANOPD_GEMV_DEEP_ADD 1
 #endif
 constexpr int kDeepK = 16 * kLaneStride;  // 4096
+#ifndef NANOPD_GEMV_DEEP18  // 1: 18 pieces a round where that saves DEEP_ADD a round
+#define NANOPD_GEMV_DEEP18 1
+#endif
 
 // One warp per C pairs of columns (SWIGLU, ROTARY) or R columns (ADD, PLAIN). NORM at 2
 // columns: at most 168 registers (3 blocks an SM); its pinned loads cannot sink, which is
@@ -107,8 +111,15 @@ cudaError_t launch_rows(const GemvFusedParams& q, cudaStream_t stream) {
     if (q.gemv.n_dim >= 8192) return launch_cols<T, M, 4, EPI, NORM>(q, stream);
   } else if constexpr (M == 1 && !NORM && NANOPD_GEMV_DEEP_ADD) {
     // a long row (down_proj): 16 pieces a round, not 8, so half as many DRAM round trips
-    // one after the other (the same sums in the same order)
-    if (q.gemv.k_dim >= kDeepK) return launch_cols<T, M, 2, EPI, NORM, 16>(q, stream);
+    // one after the other (the same sums in the same order); 18 where that makes one round
+    // fewer (the 1.5B shape's 35 pieces a lane: 2 rounds, not 3; 212 registers, no spill)
+    if (q.gemv.k_dim >= kDeepK) {
+      const int pieces = (q.gemv.k_dim + kLaneStride - 1) / kLaneStride;
+      if (NANOPD_GEMV_DEEP18 && (pieces + 17) / 18 < (pieces + 15) / 16) {
+        return launch_cols<T, M, 2, EPI, NORM, 18>(q, stream);
+      }
+      return launch_cols<T, M, 2, EPI, NORM, 16>(q, stream);
+    }
   }
   return launch_cols<T, M, 2, EPI, NORM>(q, stream);
 }

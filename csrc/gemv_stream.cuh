@@ -26,6 +26,10 @@
 namespace nanopd {
 namespace gemv {
 
+#ifndef NANOPD_GEMV_STREAM_TWO  // 1: the first two groups' weights are loaded before the wait
+#define NANOPD_GEMV_STREAM_TWO 1
+#endif
+
 constexpr int kStreamMaxK = 8 * kLaneStride;  // one round of 8 pieces a lane: k_dim <= 2048
 
 // acc[0][r] = the warp's sum of x . w_rows[r] over one round (lane_sums' order), every lane
@@ -55,6 +59,13 @@ __global__ void __launch_bounds__(kThreads, U <= 6 ? 3 : 2)
   uint4 wa[U][R], wb[U][R];
   weight_rows<T, R>(p, min(g, groups - 1) * C, pair_stride, w_rows);
   load_round<T, U, R, true>(p, w_rows, lane * kPiece, wa);  // before the wait: the weights are old
+  // and the second group's too (NANOPD_GEMV_STREAM_TWO, SWIGLU: gate_up): two trips in
+  // flight over the wait and the NORM prologue, not one (elsewhere it spilled)
+  constexpr bool kTwo = NANOPD_GEMV_STREAM_TWO && EPI == NANOPD_GEMV_SWIGLU;
+  if (kTwo && g + stride < groups) {
+    weight_rows<T, R>(p, (g + stride) * C, pair_stride, w_rows);
+    load_round<T, U, R, true>(p, w_rows, lane * kPiece, wb);
+  }
   pdl_wait();
   pdl_launch_dependents();
   uint4 xv[U][1];  // this lane's pieces of x, the same for every group
@@ -86,23 +97,43 @@ __global__ void __launch_bounds__(kThreads, U <= 6 ? 3 : 2)
       store_columns<T, 1, R>(p, acc, group * C, lane);
     }
   };
-  // two buffers, named at compile time: the next group's loads go out before the sums
-  while (g < groups) {
-    int next = g + stride;
-    if (next < groups) {
-      weight_rows<T, R>(p, next * C, pair_stride, w_rows);
-      load_round<T, U, R, false>(p, w_rows, lane * kPiece, wb);
+  if constexpr (kTwo) {
+    // two buffers, named at compile time: a buffer's next group goes out once its sums are made
+    while (g < groups) {
+      finish(wa, g);
+      g += stride;
+      if (g >= groups) break;
+      if (g + stride < groups) {
+        weight_rows<T, R>(p, (g + stride) * C, pair_stride, w_rows);
+        load_round<T, U, R, false>(p, w_rows, lane * kPiece, wa);
+      }
+      finish(wb, g);
+      g += stride;
+      if (g >= groups) break;
+      if (g + stride < groups) {
+        weight_rows<T, R>(p, (g + stride) * C, pair_stride, w_rows);
+        load_round<T, U, R, false>(p, w_rows, lane * kPiece, wb);
+      }
     }
-    finish(wa, g);
-    g = next;
-    if (g >= groups) break;
-    next = g + stride;
-    if (next < groups) {
-      weight_rows<T, R>(p, next * C, pair_stride, w_rows);
-      load_round<T, U, R, false>(p, w_rows, lane * kPiece, wa);
+  } else {
+    // two buffers, named at compile time: the next group's loads go out before the sums
+    while (g < groups) {
+      int next = g + stride;
+      if (next < groups) {
+        weight_rows<T, R>(p, next * C, pair_stride, w_rows);
+        load_round<T, U, R, false>(p, w_rows, lane * kPiece, wb);
+      }
+      finish(wa, g);
+      g = next;
+      if (g >= groups) break;
+      next = g + stride;
+      if (next < groups) {
+        weight_rows<T, R>(p, next * C, pair_stride, w_rows);
+        load_round<T, U, R, false>(p, w_rows, lane * kPiece, wa);
+      }
+      finish(wb, g);
+      g = next;
     }
-    finish(wb, g);
-    g = next;
   }
 }
 

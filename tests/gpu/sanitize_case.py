@@ -87,10 +87,11 @@ def main() -> None:
             summed = gemv_ops.linear_add(xg, wg, None, residual)
             w_norm = torch.randn(n, device="cuda", generator=g).bfloat16()
             norm = gemv_ops.Norm(summed.sums, w_norm, 1e-6)
-            if rows == 1:  # a long row: 16 pieces a round
-                xd = torch.randn(1, 4096, device="cuda", generator=g).bfloat16()
-                wd = torch.randn(n, 4096, device="cuda", generator=g).bfloat16()
-                gemv_ops.linear_add(xd, wd, None, residual)
+            if rows == 1:  # a long row: 16 pieces a round, and 18 (one round, not two)
+                for k in (4096, 4608):
+                    xd = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+                    wd = torch.randn(n, k, device="cuda", generator=g).bfloat16()
+                    gemv_ops.linear_add(xd, wd, None, residual)
             if n % 8 == 0:  # a normed GEMV takes k a multiple of 8
                 w_in = torch.randn(9000, n, device="cuda", generator=g).bfloat16()
                 gemv_ops.linear_normed(residual, w_in, None, norm)

@@ -32,7 +32,8 @@ def _sums_reference(residual: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", [(1536, 1536), (4096, 4096), (1001, 72), (8, 8960)])
+@pytest.mark.parametrize("n,k", [(1536, 1536), (4096, 4096), (1001, 72), (8, 8960), (1536, 8960),
+                                 (24, 4608)])
 @pytest.mark.parametrize("rows", [1, 2])
 def test_add_epilogue_is_the_add_with_its_sums_of_squares(rows, n, k, dtype):
     """gemv_add: the new residual is bitwise gemv then the dtype's add; each sum is the fp64

@@ -25,6 +25,8 @@ BUDGETS = {
     r"gemv_fused_kernelI(13__nv_bfloat16|6__half)Li1ELi2ELi3ELb0ELi0E": (128, "4 blocks an SM"),
     # down_proj at one row (16 pieces a round): its 192 blocks in one wave at 2 an SM
     r"gemv_fused_kernelI(13__nv_bfloat16|6__half)Li1ELi2ELi3ELb0ELi16E": (255, "2 blocks an SM"),
+    # down_proj of the 1.5B shape (k 8960: 18 pieces a round, 2 rounds, not 3)
+    r"gemv_fused_kernelI(13__nv_bfloat16|6__half)Li1ELi2ELi3ELb0ELi18E": (255, "2 blocks an SM"),
     # qkv_proj + norm + rotary at one row: __launch_bounds__(128, 3)
     r"gemv_fused_kernelI(13__nv_bfloat16|6__half)Li1ELi2ELi2ELb1ELi0E": (168, "3 blocks an SM"),
     # decode attention, head_dim 128, groups <= 8: 2 blocks an SM are set by shared memory
