@@ -7,6 +7,9 @@
 #   sanitize   compute-sanitizer memcheck and racecheck over every kernel (a small case)
 #   checks     tests and sanitize at the same time (neither is timed)
 #   profile    ncu on paged_decode, batch 64 at 8k context (PROFILE_CONTEXTS)
+#   attnprof   ncu on ours and on FlashInfer's tensor-core decode (carry .fi), batch 128 at 8k
+#              (ATTNPROF_BATCH, ATTNPROF_CONTEXT): throughput, stall reasons per issue, and the
+#              L2 sectors and requests from the SMs against the DRAM sectors read
 #   kernels    bench/kernels.py (with a chunk-count sweep), then each built variant
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
 #   stepprof   bench/decode_profile.py: one decode step's kernels by name and kind, GEMVs alone
@@ -85,6 +88,20 @@ for phase in "$@"; do
           python3 bench/kernels.py --no-build --ours-only --batches 64 --contexts "$ctx" \
           --warmup 2 --reps 2
       done ;;
+    attnprof)
+      b=${ATTNPROF_BATCH:-128} c=${ATTNPROF_CONTEXT:-8192}
+      lts=lts__t_sectors_srcunit_tex_op_read.sum,lts__t_requests_srcunit_tex_op_read.sum
+      lts=$lts,dram__sectors_read.sum,smsp__inst_executed_op_ldgsts.sum
+      ncu_args=(ncu --clock-control none --target-processes all --launch-skip 3
+        --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis
+        --section Occupancy --section SchedulerStats --section WarpStateStats
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,$lts")
+      step "ncu_ours_${b}x$c" 120 "${ncu_args[@]}" --kernel-name regex:paged_decode \
+        python3 bench/kernels.py --no-build --ours-only --batches "$b" --contexts "$c" \
+        --warmup 2 --reps 2
+      step "ncu_fi_tc_${b}x$c" 240 "${ncu_args[@]}" --kernel-name regex:Prefill \
+        python3 bench/flashinfer_decode.py --tensor-cores --batches "$b" --contexts "$c" \
+        --head-dims 128 --warmup 2 --reps 2 --out "$WORK/fi_attnprof.json" ;;
     kernels)
       step kernels 200 python3 bench/kernels.py --no-build --splits-sweep 1,2,4,8,16,32,64 \
         --min-chunk 64 --out "$WORK/kernels.json"
