@@ -97,42 +97,37 @@ __global__ void __launch_bounds__(kThreads, U <= 6 ? 3 : 2)
       store_columns<T, 1, R>(p, acc, group * C, lane);
     }
   };
+  // two buffers, named at compile time (each loop below takes both in turn); a step returns
+  // whether group g (advanced by it) is still one of this block's
+  const auto load = [&](int group, uint4(&wv)[U][R]) {
+    weight_rows<T, R>(p, group * C, pair_stride, w_rows);
+    load_round<T, U, R, false>(p, w_rows, lane * kPiece, wv);
+  };
   if constexpr (kTwo) {
-    // two buffers, named at compile time: a buffer's next group goes out once its sums are made
-    while (g < groups) {
-      finish(wa, g);
+    // a buffer's next group goes out once its sums are made
+    const auto step = [&](uint4(&wv)[U][R]) {
+      finish(wv, g);
       g += stride;
-      if (g >= groups) break;
-      if (g + stride < groups) {
-        weight_rows<T, R>(p, (g + stride) * C, pair_stride, w_rows);
-        load_round<T, U, R, false>(p, w_rows, lane * kPiece, wa);
-      }
-      finish(wb, g);
-      g += stride;
-      if (g >= groups) break;
-      if (g + stride < groups) {
-        weight_rows<T, R>(p, (g + stride) * C, pair_stride, w_rows);
-        load_round<T, U, R, false>(p, w_rows, lane * kPiece, wb);
+      if (g >= groups) return false;
+      if (g + stride < groups) load(g + stride, wv);
+      return true;
+    };
+    if (g < groups) {
+      while (step(wa) && step(wb)) {
       }
     }
   } else {
-    // two buffers, named at compile time: the next group's loads go out before the sums
-    while (g < groups) {
-      int next = g + stride;
-      if (next < groups) {
-        weight_rows<T, R>(p, next * C, pair_stride, w_rows);
-        load_round<T, U, R, false>(p, w_rows, lane * kPiece, wb);
-      }
-      finish(wa, g);
+    // the next group's loads go out before the sums
+    const auto step = [&](uint4(&cur)[U][R], uint4(&nxt)[U][R]) {
+      const int next = g + stride;
+      if (next < groups) load(next, nxt);
+      finish(cur, g);
       g = next;
-      if (g >= groups) break;
-      next = g + stride;
-      if (next < groups) {
-        weight_rows<T, R>(p, next * C, pair_stride, w_rows);
-        load_round<T, U, R, false>(p, w_rows, lane * kPiece, wa);
+      return g < groups;
+    };
+    if (g < groups) {
+      while (step(wa, wb) && step(wb, wa)) {
       }
-      finish(wb, g);
-      g = next;
     }
   }
 }
