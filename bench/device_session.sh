@@ -2,14 +2,17 @@
 # One device call that builds, checks and times a set of things; everything lands in $OUT.
 #   bash bench/device_session.sh PHASE...      (on the GPU machine, from the repo root)
 # Phases (run in the order given):
-#   build      make kernels (+ the tuning variants of VARIANTS, built in the background)
+#   build      make kernels (+ the tuning variants of VARIANTS, built in the background, and
+#              build/base/csrc as the build "base" if it is there: bench/base.sh REV makes it,
+#              an older revision's kernels to time against, carried as build/base)
 #   tests      the GPU test suite (TESTS: only these files or node ids)
 #   sanitize   compute-sanitizer memcheck and racecheck over every kernel (a small case)
 #   checks     tests and sanitize at the same time (neither is timed)
 #   profile    ncu on paged_decode, batch 64 at 8k context (PROFILE_CONTEXTS)
 #   attnprof   ncu on ours and on FlashInfer's tensor-core decode (carry .fi), batch 128 at 8k
 #              (ATTNPROF_BATCH, ATTNPROF_CONTEXT): throughput, stall reasons per issue, and the
-#              L2 sectors and requests from the SMs against the DRAM sectors read
+#              L2 sectors and requests from the SMs against the DRAM sectors read; ours once per
+#              build of ATTNPROF_BUILDS (names: default, base, a variant; default "default")
 #   kernels    bench/kernels.py (with a chunk-count sweep), then each built variant
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
 #   stepprof   bench/decode_profile.py: one decode step's kernels by name and kind, GEMVs alone
@@ -38,6 +41,11 @@ export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSIT
 # unset: the decode-attention tuning builds below; set, even to '': only those named
 VARIANTS=${VARIANTS-"l2none:NANOPD_L2_PREFETCH=0 l2x256:NANOPD_L2_PREFETCH=256 w2s4:NANOPD_DECODE_WARPS=2,NANOPD_DECODE_STAGES=4"}
 
+kdir() {  # kdir NAME: the kernels folder of build NAME (default, base or a variant)
+  case $1 in default) echo build/kernels ;; base) echo build/base/build/kernels-base ;;
+    *) echo "build/kernels-$1" ;; esac
+}
+
 collect() { tar -czf "$OUT/session.tar.gz" -C "$WORK" . 2>/dev/null; }
 
 step() {  # step NAME SECONDS COMMAND...
@@ -64,7 +72,11 @@ for phase in "$@"; do
         for d in ${defs//,/ }; do args+=(-D "$d"); done
         (timeout 300 python3 csrc/build.py --variant "$name" "${args[@]}" \
           > "$WORK/build_$name.log" 2>&1) &
-      done ;;
+      done
+      if [ -f build/base/csrc/build.py ]; then
+        (timeout 300 python3 build/base/csrc/build.py --variant base \
+          > "$WORK/build_base.log" 2>&1) &
+      fi ;;
     tests)
       step gpu_tests 330 python3 -m pytest -q -rs ${TESTS:-tests/gpu} ;;
     checks)
@@ -96,9 +108,13 @@ for phase in "$@"; do
         --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis
         --section Occupancy --section SchedulerStats --section WarpStateStats
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,$lts")
-      step "ncu_ours_${b}x$c" 120 "${ncu_args[@]}" --kernel-name regex:paged_decode \
-        python3 bench/kernels.py --no-build --ours-only --batches "$b" --contexts "$c" \
-        --warmup 2 --reps 2
+      wait  # the variant builds
+      for name in ${ATTNPROF_BUILDS:-default}; do
+        step "ncu_ours_${name}_${b}x$c" 120 env NANOPD_KERNELS_DIR="$(kdir "$name")" \
+          "${ncu_args[@]}" --kernel-name regex:paged_decode \
+          python3 bench/kernels.py --no-build --ours-only --batches "$b" --contexts "$c" \
+          --warmup 2 --reps 2
+      done
       step "ncu_fi_tc_${b}x$c" 240 "${ncu_args[@]}" --kernel-name regex:Prefill \
         python3 bench/flashinfer_decode.py --tensor-cores --batches "$b" --contexts "$c" \
         --head-dims 128 --warmup 2 --reps 2 --out "$WORK/fi_attnprof.json" ;;
@@ -106,10 +122,12 @@ for phase in "$@"; do
       step kernels 200 python3 bench/kernels.py --no-build --splits-sweep 1,2,4,8,16,32,64 \
         --min-chunk 64 --out "$WORK/kernels.json"
       wait  # the variant builds (started by the build phase)
-      for v in $VARIANTS; do
-        name=${v%%:*}
-        [ -f "build/kernels-$name/nanopd_kernels.so" ] || { echo "no build of $name"; continue; }
-        step "kernels_$name" 90 env NANOPD_KERNELS_DIR="build/kernels-$name" \
+      names=""
+      for v in $VARIANTS; do names="$names ${v%%:*}"; done
+      [ -f build/base/csrc/build.py ] && names="$names base"
+      for name in $names; do
+        [ -f "$(kdir "$name")/nanopd_kernels.so" ] || { echo "no build of $name"; continue; }
+        step "kernels_$name" 90 env NANOPD_KERNELS_DIR="$(kdir "$name")" \
           python3 bench/kernels.py --no-build --ours-only --batches 1,32,64,128 \
           --contexts 2048,8192 --splits-sweep 1,2,4,8 --out "$WORK/kernels_$name.json"
       done ;;
