@@ -10,8 +10,8 @@ constexpr int kMaxDevices = 64;
 template <typename T, int HEAD_DIM, int ROWS>
 cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_kv_heads, p.num_seqs, p.max_splits);
-  constexpr int smem_nbytes = decode_smem_nbytes<HEAD_DIM>();
-  auto kernel = paged_decode_kernel<T, HEAD_DIM, ROWS>;
+  constexpr int smem_nbytes = decode_smem_nbytes<HEAD_DIM, kWarps>();
+  auto kernel = paged_decode_kernel<T, HEAD_DIM, ROWS, kWarps>;
   // above 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device
   static bool opted_in[kMaxDevices] = {};
   int device = 0;

@@ -1,8 +1,9 @@
 // Paged decode attention, device code (see docs/kernels.md for the layout and the reasons).
 //
-// One thread block = one (KV head, sequence, chunk of the context), kWarps warps. Each warp walks
-// 16-token tiles of the chunk (tile w, w + kWarps, ...) and keeps its own online-softmax state for
-// all ROWS query heads of the KV head's group (ROWS = 8 or 16, unused rows are zero queries).
+// One thread block = one (KV head, sequence, chunk of the context), WARPS warps (the build's
+// kWarps, 4). Each warp walks 16-token tiles of the chunk (tile w, w + WARPS, ...) and keeps
+// its own online-softmax state for all ROWS query heads of the KV head's group (ROWS = 8 or
+// 16, unused rows are zero queries).
 // Both products run on tensor cores, mma.sync m16n8k16 with fp32 accumulation, FA2-style:
 //   S[rows, 16 tokens] = Q[rows, D] K^T    (two n-tiles of 8 tokens, D/16 k-steps)
 //   O[rows, D]        += P[rows, 16] V     (D/8 n-tiles of 8 dims, one k-step)
@@ -28,8 +29,8 @@
 
 namespace nanopd {
 
-template <typename T, int HEAD_DIM, int ROWS>
-__global__ void __launch_bounds__(kWarps * 32)
+template <typename T, int HEAD_DIM, int ROWS, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
     paged_decode_kernel(const PagedDecodeParams p) {
   static_assert(HEAD_DIM % 64 == 0 && (ROWS == 8 || ROWS == 16), "unsupported shape");
   constexpr int KC = HEAD_DIM / 32;  // 16-byte K pieces per token row per thread
@@ -45,8 +46,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   // two requests for every sector (twice the sectors of the K/V bytes, by ncu; 0.86 -> 0.98
   // of the copy bandwidth at batch 128 / 8k when aligned)
   extern __shared__ __align__(128) uint4 smem[];
-  __shared__ float s_max[kWarps][ROWS];
-  __shared__ float s_sum[kWarps][ROWS];
+  __shared__ float s_max[WARPS][ROWS];
+  __shared__ float s_sum[WARPS][ROWS];
 
   const int kv_head = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
   const int ctx = ld_nc_s32(p.context_lens + seq);  // first: everything else waits on it
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int head0 = kv_head * group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  constexpr int kStride = kWarps * kTile;  // tokens between a warp's consecutive tiles
+  constexpr int kStride = WARPS * kTile;  // tokens between a warp's consecutive tiles
 
   // One round trip before the first K/V copy, not three: the context length and the
   // block-table entries of this warp's first kStages tiles are loaded together (Q after the
@@ -307,7 +308,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
       const int row = i / HEAD_DIM, d = i % HEAD_DIM;
       float sum, acc;
-      combine_warps<HEAD_DIM, ROWS>(smem, s_max, s_sum, row, d, sum, acc);
+      combine_warps<HEAD_DIM, ROWS, WARPS>(smem, s_max, s_sum, row, d, sum, acc);
       out[row * p.out_stride_head + d] = from_float<T>(acc / sum);
     }
     return;
@@ -316,7 +317,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int i = threadIdx.x; i < group * HEAD_DIM; i += blockDim.x) {
     const int row = i / HEAD_DIM, d = i % HEAD_DIM;
     float sum, acc;
-    const float mx = combine_warps<HEAD_DIM, ROWS>(smem, s_max, s_sum, row, d, sum, acc);
+    const float mx = combine_warps<HEAD_DIM, ROWS, WARPS>(smem, s_max, s_sum, row, d, sum, acc);
     const int64_t k = prow + (int64_t)row * p.max_splits;
     p.partial_out[k * HEAD_DIM + d] = acc / sum;
     if (d == 0) p.partial_max[k] = mx, p.partial_sum[k] = sum;
@@ -334,9 +335,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   __syncthreads();
   if (!s_last) return;
   if ((reinterpret_cast<uintptr_t>(p.partial_out) & 15) == 0) {
-    combine_splits<T, HEAD_DIM, ROWS, true>(p, seq, head0, group, num_parts, out);
+    combine_splits<T, HEAD_DIM, ROWS, WARPS, true>(p, seq, head0, group, num_parts, out);
   } else {
-    combine_splits<T, HEAD_DIM, ROWS, false>(p, seq, head0, group, num_parts, out);
+    combine_splits<T, HEAD_DIM, ROWS, WARPS, false>(p, seq, head0, group, num_parts, out);
   }
 }
 

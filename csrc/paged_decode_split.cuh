@@ -39,14 +39,14 @@ template <int HEAD_DIM>
 __host__ __device__ constexpr int pieces_per_tile() {
   return 2 * (HEAD_DIM / 32) + 4 * (HEAD_DIM / 64);
 }
-template <int HEAD_DIM>
+template <int HEAD_DIM, int WARPS = kWarps>
 __host__ __device__ constexpr int decode_smem_nbytes() {
-  return kWarps * kStages * pieces_per_tile<HEAD_DIM>() * 32 * 16;
+  return WARPS * kStages * pieces_per_tile<HEAD_DIM>() * 32 * 16;
 }
 
 // The block's warps each left (max, sum, unnormalized out) per row in shared memory: their
 // combination for (row, d), returning the max; sum and acc out (out = acc / sum).
-template <int HEAD_DIM, int ROWS>
+template <int HEAD_DIM, int ROWS, int WARPS>
 __device__ __forceinline__ float combine_warps(const uint4* smem, const float (*s_max)[ROWS],
                                                const float (*s_sum)[ROWS], int row, int d,
                                                float& sum, float& acc) {
@@ -54,10 +54,10 @@ __device__ __forceinline__ float combine_warps(const uint4* smem, const float (*
   constexpr int WARP_NBYTES = kStages * pieces_per_tile<HEAD_DIM>() * 32 * 16;
   float mx = -INFINITY;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_max[w][row]);
+  for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, s_max[w][row]);
   sum = 0.f, acc = 0.f;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < WARPS; ++w) {
     const float a = fast_exp2(s_max[w][row] - mx);  // a warp without tiles: -inf -> 0
     const float* w_out = reinterpret_cast<const float*>(
         reinterpret_cast<const char*>(smem) + w * WARP_NBYTES);
@@ -73,10 +73,10 @@ __device__ __forceinline__ float combine_warps(const uint4* smem, const float (*
 // bits every run), with every load of a round issued before any is used: up to KB chunks cost
 // one L2 round trip, not one per row and phase. Rounds rescale by the running max. VEC: the
 // workspace is 16-byte aligned (torch's allocations are), so a slice is one 16-byte load.
-template <typename T, int HEAD_DIM, int ROWS, bool VEC>
+template <typename T, int HEAD_DIM, int ROWS, int WARPS, bool VEC>
 __device__ __forceinline__ void combine_splits(const PagedDecodeParams& p, int seq, int head0,
                                                int group, int num_parts, T* out) {
-  constexpr int NTH = kWarps * 32, V4 = HEAD_DIM / 4;  // threads; float4 slices of a row
+  constexpr int NTH = WARPS * 32, V4 = HEAD_DIM / 4;  // threads; float4 slices of a row
   constexpr int E = (ROWS * V4 + NTH - 1) / NTH;
   // (slice, chunk) pairs in flight, 6 registers each: head_dim 64 stays within the 128
   // registers of 4 blocks per SM; at 128, shared memory allows 2 blocks, registers 255
