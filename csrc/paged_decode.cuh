@@ -1,9 +1,9 @@
 // Paged decode attention, device code (see docs/kernels.md for the layout and the reasons).
 //
 // One thread block = one (KV head, sequence, chunk of the context), WARPS warps (the build's
-// kWarps, 4). Each warp walks 16-token tiles of the chunk (tile w, w + WARPS, ...) and keeps
-// its own online-softmax state for all ROWS query heads of the KV head's group (ROWS = 8 or
-// 16, unused rows are zero queries).
+// kWarps: 4 unless NANOPD_DECODE_WARPS). Each warp walks 16-token tiles of the chunk (tile w,
+// w + WARPS, ...) and keeps its own online-softmax state for all ROWS query heads of the KV
+// head's group (ROWS = 8 or 16, unused rows are zero queries).
 // Both products run on tensor cores, mma.sync m16n8k16 with fp32 accumulation, FA2-style:
 //   S[rows, 16 tokens] = Q[rows, D] K^T    (two n-tiles of 8 tokens, D/16 k-steps)
 //   O[rows, D]        += P[rows, 16] V     (D/8 n-tiles of 8 dims, one k-step)
@@ -33,6 +33,7 @@ template <typename T, int HEAD_DIM, int ROWS, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
     paged_decode_kernel(const PagedDecodeParams p) {
   static_assert(HEAD_DIM % 64 == 0 && (ROWS == 8 || ROWS == 16), "unsupported shape");
+  static_assert(WARPS >= 1 && WARPS <= 8, "1-8 warps a block");
   constexpr int KC = HEAD_DIM / 32;  // 16-byte K pieces per token row per thread
   constexpr int VC = HEAD_DIM / 64;  // 16-byte V pieces per token row per thread
   constexpr int NT = HEAD_DIM / 8;   // n-tiles of O
