@@ -19,7 +19,7 @@ std::string paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor&
                          const at::Tensor& context_lens, at::Tensor& partial_out,
                          at::Tensor& partial_max, at::Tensor& partial_sum, at::Tensor& counters,
                          double scale, int64_t max_splits, int64_t min_chunk,
-                         bool early_kv) {
+                         bool early_kv, int64_t warps) {
   Checks c;
   const at::Device device = q.device();
   for (auto [t, name] : {Named{&q, "q"}, {&out, "out"}, {&k_cache, "k_cache"},
@@ -54,6 +54,7 @@ std::string paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor&
   c.require(min_chunk > 0 && min_chunk % 64 == 0, "min_chunk ", min_chunk,
             " must be a positive multiple of 64");
   c.require(num_seqs <= 65535, num_seqs, " sequences; at most 65535 per launch");
+  c.require(warps == 4 || warps == 8, "warps ", warps, " is not built (4 or 8)");
   for (auto [t, name] : {Named{&q, "q"}, {&out, "out"}, {&k_cache, "k_cache"},
                          {&v_cache, "v_cache"}}) {
     c.rows16(*t, name);
@@ -106,6 +107,7 @@ std::string paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor&
   p.head_dim = (int)head_dim, p.block_size = (int)block_size;
   p.max_splits = (int)max_splits, p.min_chunk = (int)min_chunk;
   p.early_kv = early_kv ? 1 : 0;
+  p.warps = (int)warps;
   p.scale = (float)scale;
   p.dtype = dtype == at::kHalf ? NANOPD_FP16 : NANOPD_BF16;
   const c10::cuda::CUDAGuard guard(device);

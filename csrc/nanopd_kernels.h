@@ -53,6 +53,7 @@ typedef struct {
   int num_seqs, num_heads, num_kv_heads, head_dim, block_size;
   int max_splits, min_chunk;
   int early_kv;
+  int warps;  // warps a thread block: 4 (2 blocks an SM at head_dim 128) or 8 (1)
   float scale;
   int dtype;  // NANOPD_FP16 or NANOPD_BF16
 } PagedDecodeParams;

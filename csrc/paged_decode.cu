@@ -7,11 +7,11 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
-template <typename T, int HEAD_DIM, int ROWS>
+template <typename T, int HEAD_DIM, int ROWS, int WARPS>
 cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_kv_heads, p.num_seqs, p.max_splits);
-  constexpr int smem_nbytes = decode_smem_nbytes<HEAD_DIM, kWarps>();
-  auto kernel = paged_decode_kernel<T, HEAD_DIM, ROWS, kWarps>;
+  constexpr int smem_nbytes = decode_smem_nbytes<HEAD_DIM, WARPS>();
+  auto kernel = paged_decode_kernel<T, HEAD_DIM, ROWS, WARPS>;
   // above 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device
   static bool opted_in[kMaxDevices] = {};
   int device = 0;
@@ -22,14 +22,26 @@ cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     if (device < kMaxDevices) opted_in[device] = true;  // a race only repeats the call
   }
-  return launch_kernel(kernel, grid, dim3(kWarps * 32), smem_nbytes, stream, p);
+  return launch_kernel(kernel, grid, dim3(WARPS * 32), smem_nbytes, stream, p);
+}
+
+// 4 warps a block: 2 blocks an SM at head_dim 128 (shared memory), the bandwidth build for
+// grids of more than one block an SM; 8 warps (1 block an SM): fewer, wider blocks for few
+// sequences, half the tiles a warp and one combine round where 4 warps take two
+template <typename T, int HEAD_DIM, int ROWS>
+cudaError_t by_warps(const PagedDecodeParams& p, cudaStream_t stream) {
+  switch (p.warps) {
+    case 4: return launch<T, HEAD_DIM, ROWS, 4>(p, stream);
+    case 8: return launch<T, HEAD_DIM, ROWS, 8>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 template <typename T, int HEAD_DIM>
 cudaError_t by_group(const PagedDecodeParams& p, cudaStream_t stream) {
   const int group = p.num_heads / p.num_kv_heads;
-  if (group <= 8) return launch<T, HEAD_DIM, 8>(p, stream);
-  if (group <= 16) return launch<T, HEAD_DIM, 16>(p, stream);
+  if (group <= 8) return by_warps<T, HEAD_DIM, 8>(p, stream);
+  if (group <= 16) return by_warps<T, HEAD_DIM, 16>(p, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -52,6 +64,7 @@ extern "C" cudaError_t nanopd_paged_decode(const PagedDecodeParams* p, cudaStrea
                   p->block_size > 0 && p->block_size % kTile == 0 &&
                   p->min_chunk > 0 && p->min_chunk % kChunkAlign == 0 &&
                   p->max_splits >= 1 && p->max_splits <= kMaxSplits &&
+                  (p->warps == 4 || p->warps == 8) &&
                   p->num_seqs <= 65535 &&
                   (p->max_splits == 1 ||
                    (p->partial_out && p->partial_max && p->partial_sum && p->counters));

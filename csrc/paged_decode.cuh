@@ -1,9 +1,9 @@
 // Paged decode attention, device code (see docs/kernels.md for the layout and the reasons).
 //
-// One thread block = one (KV head, sequence, chunk of the context), WARPS warps (the build's
-// kWarps: 4 unless NANOPD_DECODE_WARPS). Each warp walks 16-token tiles of the chunk (tile w,
-// w + WARPS, ...) and keeps its own online-softmax state for all ROWS query heads of the KV
-// head's group (ROWS = 8 or 16, unused rows are zero queries).
+// One thread block = one (KV head, sequence, chunk of the context), WARPS warps (4 or 8, the
+// launcher's choice: PagedDecodeParams.warps). Each warp walks 16-token tiles of the chunk
+// (tile w, w + WARPS, ...) and keeps its own online-softmax state for all ROWS query heads of
+// the KV head's group (ROWS = 8 or 16, unused rows are zero queries).
 // Both products run on tensor cores, mma.sync m16n8k16 with fp32 accumulation, FA2-style:
 //   S[rows, 16 tokens] = Q[rows, D] K^T    (two n-tiles of 8 tokens, D/16 k-steps)
 //   O[rows, D]        += P[rows, 16] V     (D/8 n-tiles of 8 dims, one k-step)

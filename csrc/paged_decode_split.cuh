@@ -9,22 +9,18 @@
 
 namespace nanopd {
 
-#ifndef NANOPD_DECODE_WARPS  // overridable at build time for tuning runs (csrc/build.py -D)
-#define NANOPD_DECODE_WARPS 4
-#endif
-#ifndef NANOPD_DECODE_STAGES
+#ifndef NANOPD_DECODE_STAGES  // overridable at build time for tuning runs (csrc/build.py -D)
 #define NANOPD_DECODE_STAGES 3
 #endif
 #ifndef NANOPD_COMBINE_PAIRS  // combine_splits' loads in flight per thread at head_dim 128
 #define NANOPD_COMBINE_PAIRS 16
 #endif
-constexpr int kWarps = NANOPD_DECODE_WARPS;
 constexpr int kTile = 16;  // tokens per warp iteration: one mma k-step of P V
 constexpr int kStages = NANOPD_DECODE_STAGES;  // tiles per warp in the cp.async ring
 constexpr int kChunkAlign = 64;  // chunk sizes are multiples of this many tokens
 constexpr int kMaxSplits = 256;  // chunks per sequence at most (the launcher checks)
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kStages >= 2 && kWarps >= 1 && kWarps <= 8, "unsupported tuning");
+static_assert(kStages >= 2, "unsupported tuning");
 
 // Tokens per chunk of a sequence of ctx tokens: the context in at most max_splits equal
 // chunks, a multiple of kChunkAlign, at least min_chunk. Host and device agree on it.
@@ -39,7 +35,7 @@ template <int HEAD_DIM>
 __host__ __device__ constexpr int pieces_per_tile() {
   return 2 * (HEAD_DIM / 32) + 4 * (HEAD_DIM / 64);
 }
-template <int HEAD_DIM, int WARPS = kWarps>
+template <int HEAD_DIM, int WARPS>
 __host__ __device__ constexpr int decode_smem_nbytes() {
   return WARPS * kStages * pieces_per_tile<HEAD_DIM>() * 32 * 16;
 }

@@ -38,9 +38,10 @@ def main() -> None:
             tables = tables.view(4, width).to(torch.int32).contiguous()
             q = torch.randn(4, 2 * group, head_dim, device="cuda", generator=g).to(dtype)
             ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-            for splits, early in ((1, False), (5, False), (1, True), (5, True)):
+            for splits, early, warps in ((1, False, 4), (5, False, 4), (1, True, 4),
+                                         (5, True, 4), (1, False, 8), (5, True, 8)):
                 cuda_ops.paged_decode(q, k, v, tables, ctx, 0.1, num_splits=splits,
-                                      min_chunk=64, early_kv=early)
+                                      min_chunk=64, early_kv=early, warps=warps)
     pool = torch.randn(3, 2, 40, 16, 2, 128, device="cuda", generator=g).bfloat16()
     key = torch.randn(5, 2, 128, device="cuda", generator=g).bfloat16()
     cuda_ops.store_kv(key, key, pool[0, 0], pool[0, 1],

@@ -108,15 +108,17 @@ def run_decode(ctx_lens, group, head_dim, block_size, dtype, num_kv_heads=NUM_KV
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_paged_decode_matches_fp64(shape, group, block_size, head_dim, dtype):
-    run_decode(_lengths(shape), group, head_dim, block_size, dtype)
+@pytest.mark.parametrize("warps", [4, 8])
+def test_paged_decode_matches_fp64(shape, group, block_size, head_dim, dtype, warps):
+    run_decode(_lengths(shape), group, head_dim, block_size, dtype, warps=warps)
 
 
 @pytest.mark.parametrize("group", [2, 12, 16])  # 12 and 16: the 16-row variant
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_paged_decode_other_groups(group, head_dim):
+@pytest.mark.parametrize("warps", [4, 8])
+def test_paged_decode_other_groups(group, head_dim, warps):
     for dtype in (torch.bfloat16, torch.float16):
-        run_decode(_lengths("ragged_edges"), group, head_dim, 16, dtype)
+        run_decode(_lengths("ragged_edges"), group, head_dim, 16, dtype, warps=warps)
 
 
 def test_paged_decode_eight_kv_heads():  # a 70B-like layer: 64 query heads over 8 KV heads
@@ -125,9 +127,15 @@ def test_paged_decode_eight_kv_heads():  # a 70B-like layer: 64 query heads over
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 256])
 @pytest.mark.parametrize("min_chunk", [64, 256, 1024])
-def test_paged_decode_splits(num_splits, min_chunk):
+@pytest.mark.parametrize("warps", [4, 8])
+def test_paged_decode_splits(num_splits, min_chunk, warps):
     run_decode(_lengths("b37_ragged_3k") + [9000], 6, 128, 16, torch.bfloat16,
-               num_splits=num_splits, min_chunk=min_chunk)
+               num_splits=num_splits, min_chunk=min_chunk, warps=warps)
+
+
+def test_paged_decode_refuses_other_warp_counts():
+    with pytest.raises(RuntimeError, match="warps 6 is not built"):
+        run_decode([100], 6, 128, 16, torch.bfloat16, warps=6)
 
 
 def test_paged_decode_scale_and_determinism():
@@ -239,12 +247,15 @@ q, cache = torch.zeros(1, 4, 80, **bf), torch.zeros(2, 16, 2, 80, **bf)
 tables = torch.zeros(1, 1, dtype=torch.int32, device=dev)
 lens = torch.ones(1, dtype=torch.int32, device=dev)
 none = torch.empty(0, device=dev)
+q64, cache64 = q[..., :64], cache[..., :64]
 key, pool = torch.zeros(3, 2, 80, **bf), torch.zeros(1, 2, 4, 16, 2, 64, **bf)
 calls = [
     lambda: ops.paged_decode(q, q, cache, cache, tables, lens, none, none, none, none, 0.1, 1,
-                             64, False),
+                             64, False, 4),
     lambda: ops.paged_decode(q[..., :64].cpu(), q[..., :64], cache, cache, tables, lens, none,
-                             none, none, none, 0.1, 1, 64, True),
+                             none, none, none, 0.1, 1, 64, True, 4),
+    lambda: ops.paged_decode(q64, q64, cache64, cache64, tables, lens, none, none, none, none,
+                             0.1, 1, 64, False, 6),
     lambda: ops.store_kv(key, key, cache, cache, torch.zeros(3, dtype=torch.int32, device=dev)),
     lambda: ops.copy_blocks(pool, pool, torch.zeros(2, dtype=torch.int64, device=dev),
                             torch.zeros(3, dtype=torch.int64, device=dev)),
@@ -266,7 +277,8 @@ def test_bindings_return_errors_instead_of_crashing():
 
     errors = errors_of(BAD_CALLS)
     assert "head_dim 80" in errors[0] and "must be a CUDA tensor" in errors[1]
-    assert "slot_mapping" in errors[2] and "src_ids and dst_ids" in errors[3]
+    assert "warps 6 is not built" in errors[2]
+    assert "slot_mapping" in errors[3] and "src_ids and dst_ids" in errors[4]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

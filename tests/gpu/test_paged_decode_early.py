@@ -16,10 +16,11 @@ from tests.gpu.test_kernels import NUM_KV_HEADS, make_cache, reference, run_deco
 pytestmark = pytest.mark.skipif(cuda_ops.load() is None,
                                 reason="kernels not built (make kernels) or no CUDA")
 
-# a warp's tiles are 64 tokens apart (4 warps of 16): the last position falls in a warp's
-# first tile (1..64), its second (65..128, both fetched early) and later ones (129..)
+# a warp's tiles are 64 tokens apart with 4 warps of 16 (128 with 8): the last position falls
+# in a warp's first tile (1..64; 1..128), its second (65..128; 129..256, both fetched early)
+# and later ones (129..; 257..)
 LAST_IN_EACH_TILE = [1, 2, 15, 16, 17, 48, 63, 64, 65, 80, 127, 128, 129, 130, 192, 193, 255,
-                     256, 257, 700, 1024, 1025, 4097, 9000]
+                     256, 257, 383, 384, 385, 700, 1024, 1025, 4097, 9000]
 
 
 @pytest.mark.parametrize("num_splits,min_chunk", [(32, 128), (4, 128), (7, 64), (1, 128),
@@ -27,10 +28,11 @@ LAST_IN_EACH_TILE = [1, 2, 15, 16, 17, 48, 63, 64, 65, 80, 127, 128, 129, 130, 1
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [6, 12])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_early_kv_matches_fp64(num_splits, min_chunk, head_dim, group, dtype):
+@pytest.mark.parametrize("warps", [4, 8])
+def test_early_kv_matches_fp64(num_splits, min_chunk, head_dim, group, dtype, warps):
     for block_size in (16, 32):
         run_decode(LAST_IN_EACH_TILE, group, head_dim, block_size, dtype,
-                   num_splits=num_splits, min_chunk=min_chunk, early_kv=True)
+                   num_splits=num_splits, min_chunk=min_chunk, early_kv=True, warps=warps)
 
 
 def _last_slots(tables: torch.Tensor, lens: list[int], block_size: int) -> torch.Tensor:

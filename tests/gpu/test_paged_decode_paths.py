@@ -62,7 +62,8 @@ def test_table_wider_than_its_used_columns():
         torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
 
 
-def test_split_combine_from_an_unaligned_workspace():
+@pytest.mark.parametrize("warps", [4, 8])
+def test_split_combine_from_an_unaligned_workspace(warps):
     """partial_out 4 bytes past a 16-byte boundary: the combine's scalar loads."""
     lens = [3000, 700, 5, 129]
     k_cache, v_cache, tables = make_cache(lens, NUM_KV_HEADS, 128, 16, torch.bfloat16)
@@ -79,14 +80,15 @@ def test_split_combine_from_an_unaligned_workspace():
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
     error = cuda_ops._ops().paged_decode(out, q, k_cache, v_cache, tables, ctx, partial_out,
                                          partial_max, partial_sum, counters, 0.1, splits, 64,
-                                         False)
+                                         False, warps)
     assert error == ""
     ref = reference(q, k_cache, v_cache, tables, lens, 0.1)
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
     assert int(counters.abs().sum()) == 0
 
 
-def test_guess_in_a_cuda_graph():
+@pytest.mark.parametrize("warps", [4, 8])
+def test_guess_in_a_cuda_graph(warps):
     """One capture; replays whose contexts make the guess right, wrong, or mixed."""
     check_graph_replays([[512, 100, 1, 3], [513, 2000, 4097, 64], [40, 513, 512, 9000]],
-                        (1, 0, 2, 1), num_splits=4, min_chunk=128)
+                        (1, 0, 2, 1), num_splits=4, min_chunk=128, warps=warps)

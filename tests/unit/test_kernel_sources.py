@@ -29,8 +29,10 @@ BUDGETS = {
     r"gemv_fused_kernelI(13__nv_bfloat16|6__half)Li1ELi2ELi3ELb0ELi18E": (255, "2 blocks an SM"),
     # qkv_proj + norm + rotary at one row: __launch_bounds__(128, 3)
     r"gemv_fused_kernelI(13__nv_bfloat16|6__half)Li1ELi2ELi2ELb1ELi0E": (168, "3 blocks an SM"),
-    # decode attention, head_dim 128, groups <= 8: 2 blocks an SM are set by shared memory
-    r"paged_decode_kernelI(13__nv_bfloat16|6__half)Li128ELi8E": (255, "no spill"),
+    # decode attention, head_dim 128, groups <= 8, 4 warps: 2 blocks an SM are set by shared
+    # memory; 8 warps: 1 block an SM
+    r"paged_decode_kernelI(13__nv_bfloat16|6__half)Li128ELi8ELi4E": (255, "no spill"),
+    r"paged_decode_kernelI(13__nv_bfloat16|6__half)Li128ELi8ELi8E": (255, "no spill"),
 }
 
 

@@ -83,15 +83,44 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def choose_warps(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Warps a paged_decode block: 8 for batches of at most one (sequence, KV head) pair per
+    4 SMs, where a wider block halves each warp's serial tiles and combines up to 16 chunks
+    in one round, not 8; otherwise 4, the bandwidth build. H200, 2026-12-03 (call 9b,
+    bench/results/README.md "ninth round"), each at its own chunk count: 8 warps 7-8% faster
+    at batch 1 and 2k-8k (a decode step at 1 / 4096 4% faster), level at batch 8, 3-4%
+    slower at batch 32-64 and 8k, 11% slower at 128 / 512.
+    NANOPD_DECODE_WARPS=4 or 8 (read at each call; a CUDA graph keeps what it captured)
+    overrides it for A/B runs. Depends on the batch only, like choose_num_splits."""
+    value = os.environ.get("NANOPD_DECODE_WARPS", "auto")
+    if value in ("4", "8"):
+        return int(value)
+    if value != "auto":
+        raise ValueError(f"NANOPD_DECODE_WARPS={value!r}: must be 4, 8 or auto")
+    sms = _num_sms(device.index if device.index is not None else 0)
+    return 8 if 4 * num_seqs * num_kv_heads <= sms else 4
+
+
+# K/V bytes in flight an SM past which more blocks an SM lose (see choose_num_splits)
+RING_NBYTES_PER_SM = 96 * 1024
+DECODE_STAGES = 3  # tiles in each warp's cp.async ring (csrc: NANOPD_DECODE_STAGES)
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device,
-                      head_dim: int = 128) -> int:
-    """Chunks per sequence for paged_decode's grid: as many as fill one wave of thread
-    blocks (2 per SM at head_dim 128, 4 at 64: shared memory) when every context is long,
-    and no more: a partial second wave cost up to 25% on the H200 (2026-12-01 sweep in
-    bench/results). It depends on the batch only, never on context lengths, so one captured
-    CUDA graph serves every step of its batch size; short contexts use fewer chunks (at
-    least MIN_CHUNK tokens each) and their spare blocks exit at once."""
-    per_sm = 2 if head_dim > 64 else 4
+                      head_dim: int = 128, warps: int = 4) -> int:
+    """Chunks per sequence for paged_decode's grid: when every context is long, as many as
+    give each SM the blocks whose cp.async rings hold RING_NBYTES_PER_SM of K/V (at least
+    one block): 1 block an SM at head_dim 128 (96 KiB with 4 warps, 192 with 8), and at 64
+    2 of 4 warps or 1 of 8; never more. An SM streaming that much reads 0.91 of the copy
+    bandwidth, and a further block an SM costs more in its combine than it brings. H200,
+    2026-12-03 (call 9b, bench/results/README.md "ninth round"), the chunk sweeps at batch
+    1-128 and 512-8k tokens: 64 / 2k 45.6 us in 1 chunk, 47.9 in 2; 128 / 8k at head_dim 64
+    137.6 in 1, 142.8 in 2 (4 warps); a partial second wave cost up to 25% (2026-12-01). It
+    depends on the batch only, never on context lengths, so one captured CUDA graph serves
+    every step of its batch size; short contexts use fewer chunks (at least MIN_CHUNK
+    tokens each) and their spare blocks exit at once."""
+    ring = warps * DECODE_STAGES * 16 * 2 * head_dim * 2  # 16-token K and V tiles, 16-bit
+    per_sm = max(1, RING_NBYTES_PER_SM // ring)
     wave = per_sm * _num_sms(device.index if device.index is not None else 0)
     return max(1, min(MAX_SPLITS, wave // max(1, num_seqs * num_kv_heads)))
 
@@ -122,6 +151,7 @@ def paged_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
     min_chunk: int = MIN_CHUNK, out: torch.Tensor | None = None, early_kv: bool = False,
+    warps: int | None = None,
 ) -> torch.Tensor:
     """Decode attention: one query `[num_seqs, num_heads, head_dim]` per sequence over its
     `context_lens[i]` cached tokens (0: a zero output); returns `out` of q's shape.
@@ -131,11 +161,12 @@ def paged_decode(
     `[>= num_seqs]`; fp16/bf16, head_dim 64 or 128, block_size a multiple of 16, up to 16
     query heads per KV head. Each context is cut on the device into at most `num_splits`
     equal chunks (default `choose_num_splits`) of at least `min_chunk` tokens (a multiple of
-    64). Nothing here reads a device value or depends on a context length: safe to capture
-    in a CUDA graph. `early_kv` promises that the kernel just before this call on the stream
-    wrote no KV slot but each sequence's last (a decode step's own store): the first K/V
-    tiles are then fetched before that kernel has finished (csrc/launch.h). Torch
-    reference: `paged_decode_reference` (ops.attention).
+    64), by blocks of `warps` warps (4 or 8, default `choose_warps`). Nothing here reads a
+    device value or depends on a context length: safe to capture in a CUDA graph.
+    `early_kv` promises that the kernel just before this call on the stream wrote no KV slot
+    but each sequence's last (a decode step's own store): the first K/V tiles are then
+    fetched before that kernel has finished (csrc/launch.h). Torch reference:
+    `paged_decode_reference` (ops.attention).
     """
     ops = _ops()
     if not decode_supported(q, k_cache):
@@ -149,8 +180,10 @@ def paged_decode(
     if num_seqs == 0:
         return out
     num_kv_heads = k_cache.shape[2]
+    if warps is None:
+        warps = choose_warps(num_seqs, num_kv_heads, q.device)
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, q.device, head_dim)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, q.device, head_dim, warps)
     f32 = {"dtype": torch.float32, "device": q.device}
     if num_splits > 1:
         partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
@@ -162,7 +195,7 @@ def paged_decode(
         counters = torch.empty(0, dtype=torch.int32, device=q.device)
     _raise_on(ops.paged_decode(out, q, k_cache, v_cache, block_tables, context_lens,
                                partial_out, partial_max, partial_sum, counters, float(scale),
-                               int(num_splits), int(min_chunk), bool(early_kv)))
+                               int(num_splits), int(min_chunk), bool(early_kv), int(warps)))
     return out
 
 
