@@ -21,7 +21,7 @@
 #   ab         decode steps at batch 1-2 with each opt-in path off and on, one process each
 #              (AB="NANOPD_GEMV_FUSE NANOPD_PDL": the variables to flip, default the fused
 #              GEMV; AB_VALUES="0 1 norm": their values, default "0 1"; AB_TAG: a suffix
-#              for the file names of runs under other settings)
+#              for the file names of runs under other settings; AB_BATCHES: default 1,2)
 #   prefill    bench/prefill_attention.py (which prefill / extend attention route is fastest)
 #   flashinfer bench/flashinfer_decode.py: FlashInfer's paged decode on the same shapes (carry .fi,
 #              which bench/make_fi.py makes; FI_ARGS=--tensor-cores adds its tensor-core decode)
@@ -39,7 +39,7 @@ WORK=/tmp/nanopd-session
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 # unset: the decode-attention tuning builds below; set, even to '': only those named
-VARIANTS=${VARIANTS-"l2none:NANOPD_L2_PREFETCH=0 l2x256:NANOPD_L2_PREFETCH=256 w2s4:NANOPD_DECODE_WARPS=2,NANOPD_DECODE_STAGES=4"}
+VARIANTS=${VARIANTS-"l2none:NANOPD_L2_PREFETCH=0 l2x256:NANOPD_L2_PREFETCH=256 s4:NANOPD_DECODE_STAGES=4"}
 
 kdir() {  # kdir NAME: the kernels folder of build NAME (default, base or a variant)
   case $1 in default) echo build/kernels ;; base) echo build/base/build/kernels-base ;;
@@ -119,8 +119,8 @@ for phase in "$@"; do
         python3 bench/flashinfer_decode.py --tensor-cores --batches "$b" --contexts "$c" \
         --head-dims 128 --warmup 2 --reps 2 --out "$WORK/fi_attnprof.json" ;;
     kernels)
-      step kernels 200 python3 bench/kernels.py --no-build --splits-sweep 1,2,4,8,16,32,64 \
-        --min-chunk 64 --out "$WORK/kernels.json"
+      step kernels 240 python3 bench/kernels.py --no-build --splits-sweep 1,2,4,8,16,32,64 \
+        --warps-sweep --min-chunk 64 --out "$WORK/kernels.json"
       wait  # the variant builds (started by the build phase)
       names=""
       for v in $VARIANTS; do names="$names ${v%%:*}"; done
@@ -145,7 +145,7 @@ for phase in "$@"; do
         for val in ${AB_VALUES:-0 1}; do
           tag=${val//\//-}${AB_TAG:+_$AB_TAG}  # a value may be a path; AB_TAG: a run's name
           step "ab_${var}_$tag" 150 env "$var=$val" python3 bench/decode_step.py --skip-hf \
-            --batches 1,2 --contexts 512,4096 --out "$WORK/ab_${var}_$tag.json"
+            --batches "${AB_BATCHES:-1,2}" --contexts 512,4096 --out "$WORK/ab_${var}_$tag.json"
         done
       done ;;
     prefill)

@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="paged_decode's shortest chunk in tokens (a multiple of 64)")
     p.add_argument("--splits-sweep", default="",
                    help="also time ours at these chunk counts, comma-separated (e.g. 1,2,4,8)")
+    p.add_argument("--warps", type=int, choices=[4, 8],
+                   help="force paged_decode's warps a block (default: its own choice)")
+    p.add_argument("--warps-sweep", action="store_true",
+                   help="also time ours with 4 and with 8 warps a block, each at its own "
+                        "default chunk count")
     p.add_argument("--ref-nbytes", type=int, default=2**30, help="bytes of the copy reference")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     p.add_argument("--reps", type=int, default=30, help="timed calls; the median is reported")
@@ -138,19 +143,25 @@ def bench_row(args: argparse.Namespace, timer: Timer, batch: int, context: int,
               copy_gbps: float) -> dict:
     q, k_cache, v_cache, tables, lens, meta = make_case(args, batch, context)
     scale = args.head_dim**-0.5
-    splits = args.num_splits or cuda_ops.choose_num_splits(batch, args.num_kv_heads, q.device,
-                                                           args.head_dim)
+    warps = args.warps or cuda_ops.choose_warps(batch, args.num_kv_heads, q.device)
 
-    def ours_fn(n: int = splits):
+    def default_splits(w: int) -> int:
+        return args.num_splits or cuda_ops.choose_num_splits(batch, args.num_kv_heads, q.device,
+                                                             args.head_dim, w)
+
+    splits = default_splits(warps)
+
+    def ours_fn(n: int = splits, w: int = warps):
         return lambda: cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, scale,
-                                             num_splits=n, min_chunk=args.min_chunk)
+                                             num_splits=n, min_chunk=args.min_chunk, warps=w)
 
     ours = ours_fn()()
     t_ours = timer.median_s(ours_fn())
     elem = q.element_size()
     nbytes = 2 * batch * context * args.num_kv_heads * args.head_dim * elem + 2 * q.nbytes
     row = {
-        "batch": batch, "context": context, "num_splits": splits, "min_chunk": args.min_chunk,
+        "batch": batch, "context": context, "num_splits": splits, "warps": warps,
+        "min_chunk": args.min_chunk,
         "nbytes": nbytes, "ours_s": t_ours, "ours_GBps": nbytes / t_ours / 1e9,
         "ours_frac_of_copy": nbytes / t_ours / 1e9 / copy_gbps,
     }
@@ -160,6 +171,10 @@ def bench_row(args: argparse.Namespace, timer: Timer, batch: int, context: int,
     if args.splits_sweep:
         row["splits_sweep_s"] = {n: timer.median_s(ours_fn(n))
                                  for n in (int(x) for x in args.splits_sweep.split(","))}
+    if args.warps_sweep:
+        row["warps_sweep"] = {w: {"num_splits": default_splits(w),
+                                  "s": timer.median_s(ours_fn(default_splits(w), w))}
+                              for w in (4, 8)}
     if args.ours_only:
         row["check"] = True
         return row
@@ -198,16 +213,17 @@ def main() -> None:
     timer = Timer(args.warmup, args.reps)
     copy = copy_reference(args, timer)
     print(f"copy reference: {copy['GBps']:.1f} GB/s (read + write, {args.ref_nbytes} bytes)")
-    print(f"{'batch':>5} {'ctx':>6} {'split':>5} {'ours us':>9} {'GB/s':>7} {'of copy':>7} "
-          f"{'of same':>7} {'sdpa us':>9} {'packed us':>9} {'paged us':>9} {'diff':>8}")
+    print(f"{'batch':>5} {'ctx':>6} {'split':>5} {'warps':>5} {'ours us':>9} {'GB/s':>7} "
+          f"{'of copy':>7} {'of same':>7} {'sdpa us':>9} {'packed us':>9} {'paged us':>9} "
+          f"{'diff':>8}")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for context in [int(c) for c in args.contexts.split(",")]:
             r = bench_row(args, timer, batch, context, copy["GBps"])
             rows.append(r)
             diff = r.get("max_abs_diff_vs_sdpa")
-            print(f"{batch:5d} {context:6d} {r['num_splits']:5d} {fmt(r['ours_s'])} "
-                  f"{r['ours_GBps']:7.1f} {r['ours_frac_of_copy']:7.2f} "
+            print(f"{batch:5d} {context:6d} {r['num_splits']:5d} {r['warps']:5d} "
+                  f"{fmt(r['ours_s'])} {r['ours_GBps']:7.1f} {r['ours_frac_of_copy']:7.2f} "
                   f"{r['ours_frac_of_copy_same_bytes']:7.2f} "
                   f"{fmt(r.get('sdpa_s'))} {fmt(r.get('varlen_packed_s'))} "
                   f"{fmt(r.get('varlen_paged_s'))} "
@@ -216,6 +232,10 @@ def main() -> None:
             if "splits_sweep_s" in r:
                 print("      splits: " + "  ".join(f"{n}:{t * 1e6:.1f}us"
                                                  for n, t in r["splits_sweep_s"].items()))
+            if "warps_sweep" in r:
+                print("      warps: " + "  ".join(
+                    f"{w} ({v['num_splits']} chunks): {v['s'] * 1e6:.1f}us"
+                    for w, v in r["warps_sweep"].items()))
             torch.cuda.empty_cache()
     result = {
         "bench": "kernels", "date": datetime.date.today().isoformat(),
