@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (page size)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="dtype")
     p.add_argument("--ref-nbytes", type=int, default=2**30, help="bytes of the copy reference")
+    p.add_argument("--flush", choices=("write", "read"), default="write",
+                   help="how the L2 is flushed before each timed call (bench/kernels.py)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     p.add_argument("--reps", type=int, default=30, help="timed calls; the median is reported")
     p.add_argument("--workspace-mb", type=int, default=128, help="FlashInfer float workspace")
@@ -237,7 +239,7 @@ def setup(run: Progress, args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     r["decode_modules"] = {d: module_source(torch, int(d), dtype)
                            for d in args.head_dims.split(",")}
-    timer = kernels.Timer(args.warmup, args.reps)
+    timer = kernels.Timer(args.warmup, args.reps, args.flush)
     r["copy_reference"] = run.stage("copy reference", kernels.copy_reference, args, timer)
     r["enable_pdl"] = flashinfer.utils.device_support_pdl(torch.device("cuda"))
     return {"kernels": kernels, "timer": timer, "wrapper_cls": wrapper_cls}

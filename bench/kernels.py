@@ -13,7 +13,11 @@ Every row is checked: ours against sdpa (max abs difference). Each time is the m
 --reps single calls after --warmup, by CUDA events, with L2 flushed before each call (a
 layer's KV is not in L2 during a real decode step) and the GPU kept busy while the call is
 enqueued (a sleep kernel after the flush), so host-side overhead is not counted; --splits-sweep
-also times our kernel at each listed chunk count.
+also times our kernel at each listed chunk count. --flush write (the default, as Triton's
+do_bench) zeroes a 256 MiB buffer, which leaves the L2 full of dirty lines that the timed
+call then writes back to DRAM beside its own traffic; --flush read sums that buffer instead,
+so the L2 holds clean lines (as in a decode step, where it holds weights) and the timed call
+moves only its own bytes.
 
     python3 bench/kernels.py --out kernels.json
 """
@@ -61,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time ours with 4 and with 8 warps a block, each at its own "
                         "default chunk count")
     p.add_argument("--ref-nbytes", type=int, default=2**30, help="bytes of the copy reference")
+    p.add_argument("--flush", choices=FLUSH_MODES, default="write",
+                   help="how the L2 is flushed before each timed call (see the top)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     p.add_argument("--reps", type=int, default=30, help="timed calls; the median is reported")
     p.add_argument("--no-build", action="store_true", help="use build/kernels as it is")
@@ -73,17 +79,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+FLUSH_MODES = ("write", "read")
+
+
 class Timer:
-    def __init__(self, warmup: int, reps: int):
-        self.warmup, self.reps = warmup, reps
-        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # > L2
+    def __init__(self, warmup: int, reps: int, flush: str = "write"):
+        if flush not in FLUSH_MODES:
+            raise ValueError(f"flush {flush!r}: must be one of {FLUSH_MODES}")
+        self.warmup, self.reps, self.flush_mode = warmup, reps, flush
+        self.flush = torch.zeros(256 * 2**20, dtype=torch.uint8, device="cuda")  # > L2
+
+    def flush_l2(self) -> None:
+        if self.flush_mode == "write":
+            self.flush.zero_()
+        else:  # every line read, none dirtied: a sum's only write is one scalar
+            self.flush.view(torch.int32).sum(dtype=torch.int32)
 
     def median_s(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
             fn()
         times = []
         for _ in range(self.reps):
-            self.flush.zero_()
+            self.flush_l2()
             torch.cuda._sleep(100_000)  # ~50 us of GPU time: the call below queues up meanwhile
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -210,9 +227,10 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "csrc" / "build.py")], check=True)
     if cuda_ops.load() is None:
         sys.exit(f"no kernels in {cuda_ops.BUILD_DIR}: run `make kernels`")
-    timer = Timer(args.warmup, args.reps)
+    timer = Timer(args.warmup, args.reps, args.flush)
     copy = copy_reference(args, timer)
-    print(f"copy reference: {copy['GBps']:.1f} GB/s (read + write, {args.ref_nbytes} bytes)")
+    print(f"copy reference: {copy['GBps']:.1f} GB/s (read + write, {args.ref_nbytes} bytes; "
+          f"L2 flushed by a {args.flush})")
     print(f"{'batch':>5} {'ctx':>6} {'split':>5} {'warps':>5} {'ours us':>9} {'GB/s':>7} "
           f"{'of copy':>7} {'of same':>7} {'sdpa us':>9} {'packed us':>9} {'paged us':>9} "
           f"{'diff':>8}")
