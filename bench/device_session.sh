@@ -13,7 +13,8 @@
 #              (ATTNPROF_BATCH, ATTNPROF_CONTEXT): throughput, stall reasons per issue, and the
 #              L2 sectors and requests from the SMs against the DRAM sectors read; ours once per
 #              build of ATTNPROF_BUILDS (names: default, base, a variant; default "default")
-#   kernels    bench/kernels.py (with a chunk-count sweep), then each built variant
+#   kernels    bench/kernels.py (with chunk-count and warp sweeps; again with the L2 flushed by
+#              a read, --flush read), then each built variant
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
 #   stepprof   bench/decode_profile.py: one decode step's kernels by name and kind, GEMVs alone
 #   gemvprof   ncu over bench/gemv_ncu.py: each GEMV of a one-sequence layer alone, with and
@@ -121,6 +122,8 @@ for phase in "$@"; do
     kernels)
       step kernels 240 python3 bench/kernels.py --no-build --splits-sweep 1,2,4,8,16,32,64 \
         --warps-sweep --min-chunk 64 --out "$WORK/kernels.json"
+      step kernels_flush-read 120 python3 bench/kernels.py --no-build --flush read \
+        --out "$WORK/kernels_flush-read.json"
       wait  # the variant builds (started by the build phase)
       names=""
       for v in $VARIANTS; do names="$names ${v%%:*}"; done
