@@ -25,9 +25,9 @@ cudaError_t launch(const PagedDecodeParams& p, cudaStream_t stream) {
   return launch_kernel(kernel, grid, dim3(WARPS * 32), smem_nbytes, stream, p);
 }
 
-// 4 warps a block: 2 blocks an SM at head_dim 128 (shared memory), the bandwidth build for
-// grids of more than one block an SM; 8 warps (1 block an SM): fewer, wider blocks for few
-// sequences, half the tiles a warp and one combine round where 4 warps take two
+// 4 warps a block (up to 2 an SM at head_dim 128: shared memory), the bandwidth build for
+// large batches; 8 warps (1 an SM) for few sequences: half the tiles a warp, and 16 chunks a
+// combine round instead of 8 (cuda_ops.choose_warps picks)
 template <typename T, int HEAD_DIM, int ROWS>
 cudaError_t by_warps(const PagedDecodeParams& p, cudaStream_t stream) {
   switch (p.warps) {

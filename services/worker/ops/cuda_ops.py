@@ -83,6 +83,10 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_sms(device: torch.device) -> int:
+    return _num_sms(device.index if device.index is not None else 0)
+
+
 def choose_warps(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Warps a paged_decode block: 8 for batches of at most one (sequence, KV head) pair per
     4 SMs, where a wider block halves each warp's serial tiles and combines up to 16 chunks
@@ -97,8 +101,7 @@ def choose_warps(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
         return int(value)
     if value != "auto":
         raise ValueError(f"NANOPD_DECODE_WARPS={value!r}: must be 4, 8 or auto")
-    sms = _num_sms(device.index if device.index is not None else 0)
-    return 8 if 4 * num_seqs * num_kv_heads <= sms else 4
+    return 8 if 4 * num_seqs * num_kv_heads <= _device_sms(device) else 4
 
 
 # K/V bytes in flight an SM past which more blocks an SM lose (see choose_num_splits)
@@ -121,7 +124,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device,
     tokens each) and their spare blocks exit at once."""
     ring = warps * DECODE_STAGES * 16 * 2 * head_dim * 2  # 16-token K and V tiles, 16-bit
     per_sm = max(1, RING_NBYTES_PER_SM // ring)
-    wave = per_sm * _num_sms(device.index if device.index is not None else 0)
+    wave = per_sm * _device_sms(device)
     return max(1, min(MAX_SPLITS, wave // max(1, num_seqs * num_kv_heads)))
 
 
