@@ -7,7 +7,7 @@
 //   flag   PDL launch, but no griddepcontrol.wait: block 0's thread 0 of each block spins on
 //          the predecessor's counter (ld.acquire.gpu) until all its G blocks have counted
 //          (red.release.gpu after their writes); then launch_dependents
-// Every spin gives up after ~20 ms and marks an error (a wait always has a timeout).
+// Every spin gives up after 2^24 polls (seconds) and marks an error: a wait has a timeout.
 //   nvcc -arch=sm_90 -O3 -o /tmp/boundary_probe bench/boundary_probe.cu && /tmp/boundary_probe
 #include <cuda_runtime.h>
 
