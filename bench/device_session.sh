@@ -19,6 +19,10 @@
 #   stepprof   bench/decode_profile.py: one decode step's kernels by name and kind, GEMVs alone
 #   gemvprof   ncu over bench/gemv_ncu.py: each GEMV of a one-sequence layer alone, with and
 #              without the add + norm split (duration, stall reasons)
+#   abbase     decode steps of build/base-full (bench/base.sh --full REV: another revision
+#              whole, its own kernels, built in the build phase) and of the working tree, one
+#              process each, alternating, AB_PASSES times (default 2); AB_BATCHES (default
+#              1,2,8), contexts 512,4096; files ab_base_N.json and ab_tree_N.json
 #   ab         decode steps at batch 1-2 with each opt-in path off and on, one process each
 #              (AB="NANOPD_GEMV_FUSE NANOPD_PDL": the variables to flip, default the fused
 #              GEMV; AB_VALUES="0 1 norm": their values, default "0 1"; AB_TAG: a suffix
@@ -74,6 +78,10 @@ for phase in "$@"; do
         (timeout 300 python3 csrc/build.py --variant "$name" "${args[@]}" \
           > "$WORK/build_$name.log" 2>&1) &
       done
+      if [ -f build/base-full/csrc/build.py ]; then
+        (cd build/base-full && timeout 300 python3 csrc/build.py \
+          > "$WORK/build_base-full.log" 2>&1) &
+      fi
       if [ -f build/base/csrc/build.py ]; then
         (timeout 300 python3 build/base/csrc/build.py --variant base \
           > "$WORK/build_base.log" 2>&1) &
@@ -150,6 +158,16 @@ for phase in "$@"; do
           step "ab_${var}_$tag" 150 env "$var=$val" python3 bench/decode_step.py --skip-hf \
             --batches "${AB_BATCHES:-1,2}" --contexts 512,4096 --out "$WORK/ab_${var}_$tag.json"
         done
+      done ;;
+    abbase)
+      wait  # the builds
+      [ -f build/base-full/build/kernels/nanopd_kernels.so ] || { echo "no build/base-full"; continue; }
+      for i in $(seq "${AB_PASSES:-2}"); do
+        step "ab_base_$i" 150 bash -c 'cd build/base-full && PYTHONPATH=$PWD exec python3 \
+          bench/decode_step.py --skip-hf --batches "$1" --contexts 512,4096 --out "$2"' _ \
+          "${AB_BATCHES:-1,2,8}" "$WORK/ab_base_$i.json"
+        step "ab_tree_$i" 150 python3 bench/decode_step.py --skip-hf \
+          --batches "${AB_BATCHES:-1,2,8}" --contexts 512,4096 --out "$WORK/ab_tree_$i.json"
       done ;;
     prefill)
       step prefill_attention 120 python3 bench/prefill_attention.py \
