@@ -22,7 +22,8 @@
 #   abbase     decode steps of build/base-full (bench/base.sh --full REV: another revision
 #              whole, its own kernels, built in the build phase) and of the working tree, one
 #              process each, alternating, AB_PASSES times (default 2); AB_BATCHES (default
-#              1,2,8), contexts 512,4096; files ab_base_N.json and ab_tree_N.json
+#              1,2,8), contexts 512,4096; files ab_base_N.json and ab_tree_N.json (AB_TAG:
+#              a suffix, ab_tree_N_TAG.json, for runs under other settings)
 #   ab         decode steps at batch 1-2 with each opt-in path off and on, one process each
 #              (AB="NANOPD_GEMV_FUSE NANOPD_PDL": the variables to flip, default the fused
 #              GEMV; AB_VALUES="0 1 norm": their values, default "0 1"; AB_TAG: a suffix
@@ -163,6 +164,7 @@ for phase in "$@"; do
       wait  # the builds
       [ -f build/base-full/build/kernels/nanopd_kernels.so ] || { echo "no build/base-full"; continue; }
       for i in $(seq "${AB_PASSES:-2}"); do
+        i=$i${AB_TAG:+_$AB_TAG}
         step "ab_base_$i" 150 bash -c 'cd build/base-full && PYTHONPATH=$PWD exec python3 \
           bench/decode_step.py --skip-hf --batches "$1" --contexts 512,4096 --out "$2"' _ \
           "${AB_BATCHES:-1,2,8}" "$WORK/ab_base_$i.json"
