@@ -162,7 +162,9 @@ for phase in "$@"; do
       done ;;
     abbase)
       wait  # the builds
-      [ -f build/base-full/build/kernels/nanopd_kernels.so ] || { echo "no build/base-full"; continue; }
+      if [ ! -f build/base-full/build/kernels/nanopd_kernels.so ]; then
+        echo "no build of build/base-full (bench/base.sh --full REV, carried)"; continue
+      fi
       for i in $(seq "${AB_PASSES:-2}"); do
         i=$i${AB_TAG:+_$AB_TAG}
         step "ab_base_$i" 150 bash -c 'cd build/base-full && PYTHONPATH=$PWD exec python3 \
