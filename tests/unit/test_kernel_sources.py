@@ -89,3 +89,11 @@ def test_decode_step_kernels_keep_their_register_budgets(compiled, pattern):
     for kernel, (registers, spill) in found.items():
         assert registers <= most, f"{kernel}: {registers} registers > {most} ({why})"
         assert spill.endswith("0 bytes spill stores, 0 bytes spill loads"), f"{kernel}: {spill}"
+
+
+def test_the_boundary_probe_compiles(tmp_path):
+    """bench/boundary_probe.cu, a standalone program run on the device (bench/results)."""
+    probe = CSRC.parent / "bench" / "boundary_probe.cu"
+    done = subprocess.run([NVCC, "-arch=sm_90", "-O3", "-o", str(tmp_path / "probe"),
+                           str(probe)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "warning" not in done.stdout + done.stderr, done.stderr
