@@ -142,7 +142,7 @@ def attention_share(runner, batch_spec: list, reps: int) -> dict[str, float]:
             "attention_share": a / step_ms, "attention_route": active_route()}
 
 
-def run_ours(args, model_dir: Path, cases: list[tuple[int, int]], floor) -> tuple[list, dict]:
+def run_ours(args, model_dir: Path, cases: list[tuple[int, int]]) -> tuple[list, dict]:
     max_ctx = max(c for _, c in cases)
     max_batch = max(b for b, _ in cases)
     need = max([b * -(-c // 16) for b, c in cases] + [-(-args.prefill_tokens // 16)]) + 64
@@ -155,8 +155,7 @@ def run_ours(args, model_dir: Path, cases: list[tuple[int, int]], floor) -> tupl
     for batch, context in cases:
         spec = decode_batch(runner, batch, context, rng)
         rows_all = list(range(batch))
-        row = {"batch": batch, "context": context, "weight_nbytes": nbytes,
-               "floor_ms": floor(nbytes)}
+        row = {"batch": batch, "context": context, "weight_nbytes": nbytes}
         graphs = runner.graphs
         if graphs is not None:
             row["graph_wall_ms"] = median_ms(lambda s=spec, r=rows_all: runner.run(s, r),
@@ -222,7 +221,7 @@ def main() -> None:
         model_dir = Path(args.model_dir or Path(tmp) / args.shape)
         if not (model_dir / "config.json").is_file():
             write_random_model(model_dir, args.shape, dtype="bfloat16", device="cuda")
-        rows, prefill = run_ours(args, model_dir, cases, lambda nb: nb / copies[0] / 1e6)
+        rows, prefill = run_ours(args, model_dir, cases)  # floor_ms: below, after the steps
         torch.cuda.empty_cache()
         copies.append(copy_gbps())
         gbps = max(copies)
