@@ -161,8 +161,8 @@ __global__ void __launch_bounds__(WARPS * 32)
   // context lengths and block tables are the step's inputs, copied in before its first kernel;
   // q and the KV cache come from the previous kernel: read (and anything written) only after
   // the wait (programmatic dependent launch, launch.h), but for early_kv's tiles. One copy of
-  // the first tiles' issue code serves both orders: the kernel's SASS is 13% smaller than with
-  // one copy each (sass_sizes.py), code that every SM fetches again each layer of a step
+  // the first tiles' issue code serves both orders (13% less SASS than a copy each; the same
+  // speed, bench/results/README.md "twelfth round")
   if (!early) pdl_wait();
   if (live) {
     fix_table();
