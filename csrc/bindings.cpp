@@ -219,6 +219,8 @@ void add_gemv_bindings(pybind11::module_& m);   // gemv_bindings.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nanopd CUDA kernels (csrc/); call them through services/worker/ops/cuda_ops.py";
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache");
+  m.def("paged_decode_smem_nbytes", &nanopd_paged_decode_smem_nbytes,
+        "shared memory of one paged_decode block in this build (0: no such kernel)");
   m.def("store_kv", &store_kv, "write new K/V rows into their cache slots");
   m.def("copy_blocks", &copy_blocks, "copy whole KV blocks (all layers, K and V) between pools");
   add_fused_bindings(m);

@@ -59,6 +59,9 @@ typedef struct {
 } PagedDecodeParams;
 
 cudaError_t nanopd_paged_decode(const PagedDecodeParams* p, cudaStream_t stream);
+// Bytes of shared memory one paged_decode block takes (its warps' cp.async rings) in this
+// build (NANOPD_DECODE_STAGES), or 0 for a head_dim or warp count it does not have.
+int nanopd_paged_decode_smem_nbytes(int head_dim, int warps);
 
 // Write the step's new keys/values [num_tokens, num_kv_heads, head_dim] into the cache slots
 // slot_mapping[t] = block * block_size + offset (a negative slot is skipped). Any element

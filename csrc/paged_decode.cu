@@ -75,3 +75,12 @@ extern "C" cudaError_t nanopd_paged_decode(const PagedDecodeParams* p, cudaStrea
     default: return cudaErrorInvalidValue;
   }
 }
+
+extern "C" int nanopd_paged_decode_smem_nbytes(int head_dim, int warps) {
+  using namespace nanopd;
+  if (head_dim == 64 && warps == 4) return decode_smem_nbytes<64, 4>();
+  if (head_dim == 64 && warps == 8) return decode_smem_nbytes<64, 8>();
+  if (head_dim == 128 && warps == 4) return decode_smem_nbytes<128, 4>();
+  if (head_dim == 128 && warps == 8) return decode_smem_nbytes<128, 8>();
+  return 0;
+}

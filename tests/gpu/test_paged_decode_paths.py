@@ -6,6 +6,8 @@ used columns, and the split combine from an unaligned workspace. Skipped without
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -92,3 +94,19 @@ def test_guess_in_a_cuda_graph(warps):
     """One capture; replays whose contexts make the guess right, wrong, or mixed."""
     check_graph_replays([[512, 100, 1, 3], [513, 2000, 4097, 64], [40, 513, 512, 9000]],
                         (1, 0, 2, 1), num_splits=4, min_chunk=128, warps=warps)
+
+
+def test_ring_size_comes_from_the_build():
+    """choose_num_splits sizes its wave by the built kernel's shared memory; the CPU fallback
+    (the default build's formula) agrees with a default build; a shape the build lacks gets
+    the formula, and paged_decode's own refusal (test_paged_decode_refuses_other_warp_counts)."""
+    module = cuda_ops.load()
+    for head_dim in (64, 128):
+        for warps in (4, 8):
+            built = module.paged_decode_smem_nbytes(head_dim, warps)
+            assert cuda_ops.decode_ring_nbytes(head_dim, warps) == built
+            if "NANOPD_KERNELS_DIR" not in os.environ:  # the default build
+                assert built == warps * cuda_ops.DECODE_STAGES * 16 * 2 * head_dim * 2
+    assert module.paged_decode_smem_nbytes(96, 4) == 0
+    assert module.paged_decode_smem_nbytes(128, 6) == 0
+    assert cuda_ops.decode_ring_nbytes(128, 6) == 6 * cuda_ops.DECODE_STAGES * 16 * 2 * 128 * 2

@@ -106,7 +106,18 @@ def choose_warps(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
 
 # K/V bytes in flight an SM past which more blocks an SM lose (see choose_num_splits)
 RING_NBYTES_PER_SM = 96 * 1024
-DECODE_STAGES = 3  # tiles in each warp's cp.async ring (csrc: NANOPD_DECODE_STAGES)
+DECODE_STAGES = 3  # tiles in each warp's cp.async ring of the default build (csrc/)
+
+
+def decode_ring_nbytes(head_dim: int, warps: int) -> int:
+    """Shared memory of one paged_decode block, its warps' cp.async rings: what the built
+    kernels say (a tuning build may have other NANOPD_DECODE_STAGES); without them, or for
+    a shape they lack (which paged_decode then refuses with its own message), the default
+    build's: DECODE_STAGES tiles a warp of 16 tokens' K and V, 16-bit
+    (tests/gpu/test_paged_decode_paths.py checks the two agree on a default build)."""
+    module = load()
+    nbytes = module.paged_decode_smem_nbytes(head_dim, warps) if module is not None else 0
+    return nbytes if nbytes > 0 else warps * DECODE_STAGES * 16 * 2 * head_dim * 2
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device,
@@ -122,8 +133,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device,
     depends on the batch only, never on context lengths, so one captured CUDA graph serves
     every step of its batch size; short contexts use fewer chunks (at least MIN_CHUNK
     tokens each) and their spare blocks exit at once."""
-    ring = warps * DECODE_STAGES * 16 * 2 * head_dim * 2  # 16-token K and V tiles, 16-bit
-    per_sm = max(1, RING_NBYTES_PER_SM // ring)
+    per_sm = max(1, RING_NBYTES_PER_SM // decode_ring_nbytes(head_dim, warps))
     wave = per_sm * _device_sms(device)
     return max(1, min(MAX_SPLITS, wave // max(1, num_seqs * num_kv_heads)))
 
