@@ -17,6 +17,9 @@
 #              a read, --flush read), then each built variant
 #   decode     bench/decode_step.py (Qwen2.5-1.5B shape: graphs, eager, HF, the floor)
 #   stepprof   bench/decode_profile.py: one decode step's kernels by name and kind, GEMVs alone
+#   steptrace  ncu's PM sampling over one decode step's CUDA graph (bench/step_trace.py, batch
+#              STEPTRACE_BATCH x STEPTRACE_CONTEXT, default 1 x 512): the report, and the kernel
+#              spans of one replay; bench/pm_samples.py makes the timeline from the report
 #   gemvprof   ncu over bench/gemv_ncu.py: each GEMV of a one-sequence layer alone, with and
 #              without the add + norm split (duration, stall reasons)
 #   abbase     decode steps of build/base-full (bench/base.sh --full REV: another revision
@@ -147,6 +150,13 @@ for phase in "$@"; do
       step decode_step 330 python3 bench/decode_step.py --out "$WORK/decode_step.json" ;;
     stepprof)
       step decode_profile 240 python3 bench/decode_profile.py --out "$WORK/decode_profile.json" ;;
+    steptrace)
+      b=${STEPTRACE_BATCH:-1} c=${STEPTRACE_CONTEXT:-512}
+      step "spans_${b}x$c" 120 python3 bench/step_trace.py --batch "$b" --context "$c" \
+        --spans "$WORK/spans_${b}x$c.json"
+      step "pm_${b}x$c" 240 ncu --clock-control none --profile-from-start off \
+        --graph-profiling graph --section PmSampling --pm-sampling-interval 1000 -f \
+        -o "$WORK/step_${b}x$c" python3 bench/step_trace.py --batch "$b" --context "$c" ;;
     gemvprof)
       step ncu_gemv 200 ncu --clock-control none --kernel-name regex:"gemv|rms_norm" \
         --launch-skip 10 --section SpeedOfLight --section WarpStateStats --section LaunchStats \
