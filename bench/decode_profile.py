@@ -51,6 +51,18 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def decode_engine(tmp: Path, shape: str, batch: int, context: int) -> tuple[LLM, list]:
+    """An engine on a random bf16 model of `shape` (written under tmp) with KV blocks for
+    `batch` sequences of `context` tokens, and such a decode batch (`decode_batch`)."""
+    model_dir = tmp / shape
+    write_random_model(model_dir, shape, dtype="bfloat16", device="cuda")
+    need = batch * -(-context // 16) + 64
+    llm = LLM(model=str(model_dir), device="cuda:0", dtype="bfloat16", num_kv_blocks=need,
+              max_num_seqs=max(batch, 8), max_model_len=context + 16)
+    spec = decode_batch(llm.engine.runner, batch, context, torch.Generator().manual_seed(0))
+    return llm, spec
+
+
 def profile_kernels(fn, reps: int) -> dict:
     """Per call of fn: GPU us by kernel name (with its count) and by kind."""
     from torch.profiler import ProfilerActivity, profile
@@ -215,13 +227,8 @@ def main() -> None:
     args = p.parse_args()
     gbps = copy_gbps()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / args.shape
-        write_random_model(model_dir, args.shape, dtype="bfloat16", device="cuda")
-        need = args.batch * -(-args.context // 16) + 64
-        llm = LLM(model=str(model_dir), device="cuda:0", dtype="bfloat16", num_kv_blocks=need,
-                  max_num_seqs=max(args.batch, 8), max_model_len=args.context + 16)
+        llm, spec = decode_engine(Path(tmp), args.shape, args.batch, args.context)
         runner = llm.engine.runner
-        spec = decode_batch(runner, args.batch, args.context, torch.Generator().manual_seed(0))
         rows = list(range(args.batch))
         graphs = runner.graphs
         result = {"bench": "decode_profile", "date": datetime.date.today().isoformat(),

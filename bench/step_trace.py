@@ -26,9 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a plain copy of the repo, no install
     sys.path.insert(0, str(ROOT))
 
-from bench.decode_step import decode_batch  # noqa: E402
-from services.worker.engine import LLM  # noqa: E402
-from services.worker.models.random_model import write_random_model  # noqa: E402
+from bench.decode_profile import decode_engine  # noqa: E402
 
 
 def replay_spans(replay) -> list[dict]:
@@ -53,13 +51,8 @@ def main() -> None:
     p.add_argument("--spans", help="write one replay's kernel spans here (JSON)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / args.shape
-        write_random_model(model_dir, args.shape, dtype="bfloat16", device="cuda")
-        need = args.batch * -(-args.context // 16) + 64
-        llm = LLM(model=str(model_dir), device="cuda:0", dtype="bfloat16", num_kv_blocks=need,
-                  max_num_seqs=max(args.batch, 8), max_model_len=args.context + 16)
+        llm, spec = decode_engine(Path(tmp), args.shape, args.batch, args.context)
         runner = llm.engine.runner
-        spec = decode_batch(runner, args.batch, args.context, torch.Generator().manual_seed(0))
         runner.run(spec, list(range(args.batch)))  # captures the graphs, fills the inputs
         graph = runner.graphs.graphs[runner.graphs.padded_size(args.batch)]
         for _ in range(20):
