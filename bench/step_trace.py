@@ -53,6 +53,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         llm, spec = decode_engine(Path(tmp), args.shape, args.batch, args.context)
         runner = llm.engine.runner
+        if runner.graphs is None:  # the engine logged why (e.g. the kernels are not built)
+            raise SystemExit("step_trace: this engine runs decode steps without CUDA graphs; "
+                             "build the kernels (make kernels) on a GPU")
         runner.run(spec, list(range(args.batch)))  # captures the graphs, fills the inputs
         graph = runner.graphs.graphs[runner.graphs.padded_size(args.batch)]
         for _ in range(20):
