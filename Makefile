@@ -61,3 +61,8 @@ clean:
 # on a GPU machine (nvcc, ninja, CUDA torch): csrc/ -> build/kernels/nanopd_kernels.so
 kernels:
 	$(PY) csrc/build.py
+
+.PHONY: check-bindings
+# without a GPU (nvcc, the CPU torch of .venv): compile csrc's torch bindings, nothing linked
+check-bindings: $(STAMP)
+	PYTHON=$(VPY) bash csrc/check_bindings.sh
